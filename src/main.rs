@@ -1,0 +1,176 @@
+//! nvtarget: an iSCSI block target.
+
+mod config;
+mod filedev;
+mod node;
+mod portal;
+mod prstore;
+mod storedev;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nvtarget",
+    version,
+    about = "iSCSI block target with an NVRAM log and HA pair"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the configured targets (default: one 1 GiB LUN on 127.0.0.1:3260).
+    Serve(ServeArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Listen on ADDR:PORT instead of the configured portals.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Where LUN images and state live.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration; without it the embedded default is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a configuration file and print what it defines.
+    Check { file: PathBuf },
+    /// Print the embedded default configuration.
+    Default,
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let b = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
+            let c = config::Config::load(Some(&file))?;
+            println!("{}: ok", file.display());
+            for p in &c.portals {
+                println!("portal {} tpgt {}", p.listen, p.tpgt);
+            }
+            for t in &c.targets {
+                println!(
+                    "target {} ({} LUNs, initiators: {}, chap: {})",
+                    t.name,
+                    t.luns.len(),
+                    if t.allowed_initiators.is_empty() {
+                        "all".into()
+                    } else {
+                        t.allowed_initiators.join(", ")
+                    },
+                    if t.chap.is_some() { "yes" } else { "no" }
+                );
+                for l in &t.luns {
+                    println!(
+                        "  lun {} {} {} block {}",
+                        l.id,
+                        l.name(),
+                        l.size,
+                        l.block_size
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Default,
+        } => {
+            print!("{}", config::DEFAULT_CONFIG);
+            Ok(())
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = config::Config::load(a.config.as_deref())?;
+    if let Some(l) = &a.listen {
+        cfg.override_listen(l);
+    }
+    if cfg.portals.is_empty() {
+        anyhow::bail!("no portal configured: add a [[portal]] section or pass --listen");
+    }
+    let data_dir = a
+        .data_dir
+        .or_else(|| cfg.node.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let node = Arc::new(node::Node::build(cfg.clone(), &data_dir)?);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in &cfg.portals {
+            let listener = tokio::net::TcpListener::bind(&p.listen)
+                .await
+                .with_context(|| format!("binding portal {}", p.listen))?;
+            tracing::info!(portal = %p.listen, "listening");
+            tasks.spawn(portal::serve_portal(listener, node.clone()));
+        }
+        for t in &cfg.targets {
+            tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
+        }
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(e)) => Err(e.into()),
+                _ => Ok(()),
+            },
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
