@@ -1,6 +1,7 @@
 //! nvtarget: an iSCSI block target.
 
 mod config;
+mod datadir;
 mod filedev;
 mod node;
 mod portal;
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "nvtarget",
     version,
-    about = "iSCSI block target with an NVRAM log and HA pair"
+    about = "iSCSI block target serving LUNs from a write-anywhere store"
 )]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
@@ -35,6 +36,20 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Snapshots of LUNs in the aggregate (offline: the target must be stopped).
+    Snapshot {
+        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        args: nvtarget_lun::cli::SnapshotArgs,
+    },
+    /// Aggregate tools: `check` verifies everything, `space` reports usage.
+    Aggr {
+        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        args: nvtarget_lun::cli::AggrArgs,
     },
 }
 
@@ -79,6 +94,14 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json);
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Snapshot { data_dir, args } => {
+            let _lock = datadir::lock(&data_dir)?;
+            nvtarget_lun::cli::snapshot_cmd(&data_dir, args)
+        }
+        Cmd::Aggr { data_dir, args } => {
+            let _lock = datadir::lock(&data_dir)?;
+            nvtarget_lun::cli::aggr_cmd(&data_dir, args)
+        }
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
         } => {
@@ -132,6 +155,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .data_dir
         .or_else(|| cfg.node.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
+    let _lock = datadir::lock(&data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -157,6 +181,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             },
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
+                // Without the NVRAM log, a final CP is what keeps the
+                // writes still in the dirty set.
+                let n = node.clone();
+                tokio::task::spawn_blocking(move || n.shutdown()).await??;
                 Ok(())
             }
         }

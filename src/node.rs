@@ -52,6 +52,7 @@ pub struct Node {
     /// "ADDR:PORT,TPGT" of every portal, for SendTargets.
     portal_addrs: Vec<String>,
     config: Config,
+    store: Option<Arc<Store>>,
 }
 
 impl Node {
@@ -136,7 +137,16 @@ impl Node {
             targets,
             portal_addrs,
             config,
+            store,
         })
+    }
+
+    /// Makes everything written so far durable (a final CP).
+    pub fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(s) = &self.store {
+            s.checkpoint().context("final consistency point")?;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {

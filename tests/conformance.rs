@@ -6,6 +6,8 @@
 //! passes, so the list only ever shrinks and always says the truth. Skips are
 //! printed with libiscsi's reason.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

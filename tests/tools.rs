@@ -2,6 +2,8 @@
 //! `nvtarget serve`: discovery, inquiry, capacity, two initiators at once,
 //! and data that survives a restart (clean and SIGKILL).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

@@ -688,8 +688,8 @@ impl Aggregate {
         // apart. A randomly overwritten LUN keeps each CP's blocks in LBA
         // order, so a logical range maps to a few such clusters.
         runs.sort_unstable_by_key(|(_, p)| p.block);
+        let mut clusters = Vec::new();
         let mut i = 0;
-        let (mut tmp, off) = aligned_buf(MAX_IO_BLOCKS * BLOCK_SIZE);
         while i < runs.len() {
             let first = runs[i].1.block;
             let mut j = i + 1;
@@ -699,10 +699,21 @@ impl Aggregate {
             {
                 j += 1;
             }
-            let span = (runs[j - 1].1.block - first + 1) as usize * BLOCK_SIZE;
+            clusters.push(i..j);
+            i = j;
+        }
+        let max_span = clusters
+            .iter()
+            .map(|r| (runs[r.end - 1].1.block - runs[r.start].1.block + 1) as usize * BLOCK_SIZE)
+            .max()
+            .unwrap_or(0);
+        let (mut tmp, off) = aligned_buf(max_span);
+        for r in clusters {
+            let first = runs[r.start].1.block;
+            let span = (runs[r.end - 1].1.block - first + 1) as usize * BLOCK_SIZE;
             let area = &mut tmp[off..off + span];
             self.storage.read_at(area, first * BS)?;
-            for (blk, p) in &runs[i..j] {
+            for (blk, p) in &runs[r] {
                 let at = (p.block - first) as usize * BLOCK_SIZE;
                 let data = &area[at..at + BLOCK_SIZE];
                 if crc(data) != p.crc {
@@ -714,7 +725,6 @@ impl Aggregate {
                 let (inb, inbuf) = piece(*blk);
                 buf[inbuf].copy_from_slice(&data[inb]);
             }
-            i = j;
         }
         Ok(())
     }
@@ -1032,7 +1042,20 @@ impl Aggregate {
     /// True once the aggregate's use (committed + reserved) reaches the soft
     /// threshold: the SCSI layer reports THIN PROVISIONING SOFT THRESHOLD REACHED.
     pub fn soft_threshold_reached(&self) -> bool {
-        self.space().soft_threshold_reached
+        let c = self.committed.read();
+        let d = self.dirty.lock();
+        Self::threshold(&c.sb, &d).1
+    }
+
+    /// (blocks writes may still reserve, soft threshold reached)
+    fn threshold(sb: &Superblock, d: &Dirty) -> (u64, bool) {
+        let total = sb.total_blocks - FIRST_FREE_BLOCK;
+        let available = (d.avail - d.meta_reserve - UNMAP_RESERVE).max(0) as u64;
+        let in_use = total.saturating_sub(available);
+        (
+            available,
+            total > 0 && in_use * 100 >= total * sb.soft_threshold_pct as u64,
+        )
     }
 
     pub fn space(&self) -> SpaceReport {
@@ -1044,17 +1067,15 @@ impl Aggregate {
             *dirty_per_lun.entry(*l).or_default() += 1;
         }
         let reserved = d.active.reserved + d.frozen.as_ref().map_or(0, |f| f.reserved);
-        let available = (d.avail - d.meta_reserve - UNMAP_RESERVE).max(0) as u64;
-        let in_use = total.saturating_sub(available);
-        let pct = c.sb.soft_threshold_pct;
+        let (available, reached) = Self::threshold(&c.sb, &d);
         SpaceReport {
             block_size: BS,
             total_blocks: total,
             used_blocks: c.used_blocks,
             reserved_blocks: reserved,
             available_blocks: available,
-            soft_threshold_pct: pct,
-            soft_threshold_reached: total > 0 && in_use * 100 >= total * pct as u64,
+            soft_threshold_pct: c.sb.soft_threshold_pct,
+            soft_threshold_reached: reached,
             luns: c
                 .catalog
                 .luns
