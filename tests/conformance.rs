@@ -11,6 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -100,18 +101,25 @@ fn known_failures() -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn libiscsi_conformance() {
-    require_tool("iscsi-test-cu");
-    let dir = temp_dir("conformance");
-    let target = Target::start(&dir, &[]);
-    let url = target.url(0);
+type Results = Vec<(String, Outcome, String)>;
+
+/// Runs `iscsi-test-cu -t SELECTOR` against `url`; with `multipath` the URL
+/// is given twice, which enables the MultipathIO tests (a second session to
+/// the same LU). Names come back qualified with the family.
+fn run_suites(
+    target: &Target,
+    dir: &Path,
+    url: &str,
+    multipath: bool,
+    selectors: &[&str],
+) -> (Results, String) {
     let mut results = Vec::new();
     let mut logs = String::new();
-    for family in ["SCSI", "iSCSI"] {
+    for selector in selectors {
+        let family = selector.split('.').next().unwrap_or(selector);
         let out = run(
             Command::new("iscsi-test-cu")
-                .current_dir(&dir)
+                .current_dir(dir)
                 .args([
                     "--dataloss",
                     "--allow-sanitize",
@@ -120,18 +128,17 @@ fn libiscsi_conformance() {
                     "-I",
                     INIT2,
                     "-t",
-                    family,
                 ])
-                .arg(&url)
-                // A second URL to the same LU enables the MultipathIO tests.
-                .arg(&url),
+                .arg(selector)
+                .arg(url)
+                .args(multipath.then_some(url)),
             Duration::from_secs(900),
         );
         let text = both(&out);
         let parsed = parse(&text);
         assert!(
             !parsed.is_empty(),
-            "iscsi-test-cu -t {family} ran no test:\n{text}\ntarget log:\n{}",
+            "iscsi-test-cu -t {selector} ran no test:\n{text}\ntarget log:\n{}",
             target.log_text()
         );
         // CUnit names suites without the family: "Suite: Read10".
@@ -142,13 +149,17 @@ fn libiscsi_conformance() {
         );
         logs.push_str(&text);
     }
-    std::fs::write(dir.join("cu.log"), &logs).ok();
+    (results, logs)
+}
 
+/// Prints every non-pass and a summary line; fails on failures that are not
+/// in the known list and on known ones that now pass.
+fn judge(label: &str, results: &Results, log: &Path) {
     let known = known_failures();
     let (mut pass, mut fail, mut skip) = (0, 0, 0);
     let mut unexpected = Vec::new();
     let mut fixed = Vec::new();
-    for (name, o, text) in &results {
+    for (name, o, text) in results {
         match o {
             Outcome::Pass => pass += 1,
             Outcome::Skip => {
@@ -172,17 +183,63 @@ fn libiscsi_conformance() {
         }
     }
     println!(
-        "conformance: {pass} passed, {fail} failed, {skip} skipped of {}",
+        "{label}: {pass} passed, {fail} failed, {skip} skipped of {}",
         results.len()
     );
     assert!(
         unexpected.is_empty(),
         "conformance failures not in tests/conformance-known-failures.txt: {unexpected:?}\n(full log: {})",
-        dir.join("cu.log").display()
+        log.display()
     );
     assert!(
         fixed.is_empty(),
         "these now pass: remove them from tests/conformance-known-failures.txt: {fixed:?}"
+    );
+}
+
+/// Both families against `nvtarget serve` exactly as a user starts it.
+#[test]
+fn libiscsi_conformance() {
+    require_tool("iscsi-test-cu");
+    let dir = temp_dir("conformance");
+    let target = Target::start(&dir, &[]);
+    let (results, logs) = run_suites(&target, &dir, &target.url(0), true, &["SCSI", "iSCSI"]);
+    std::fs::write(dir.join("cu.log"), &logs).ok();
+    judge("conformance", &results, &dir.join("cu.log"));
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The suites that skip unless the LU is removable or write-protected, run
+/// against such LUNs (tests/conformance-lus.toml).
+#[test]
+fn libiscsi_conformance_removable_and_readonly_luns() {
+    require_tool("iscsi-test-cu");
+    let dir = temp_dir("conformance-lus");
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance-lus.toml");
+    let target = Target::start(&dir, &["--config", cfg]);
+    let (mut results, mut logs) = run_suites(
+        &target,
+        &dir,
+        &target.url(1),
+        false,
+        &["SCSI.PreventAllow", "SCSI.StartStopUnit"],
+    );
+    let (r, l) = run_suites(&target, &dir, &target.url(2), false, &["SCSI.ReadOnly"]);
+    results.extend(r);
+    logs.push_str(&l);
+    std::fs::write(dir.join("cu.log"), &logs).ok();
+    for (name, o, _) in &results {
+        assert_ne!(
+            *o,
+            Outcome::Skip,
+            "{name} still skips on a removable or read-only LU"
+        );
+    }
+    judge(
+        "conformance (removable and read-only LUNs)",
+        &results,
+        &dir.join("cu.log"),
     );
     drop(target);
     let _ = std::fs::remove_dir_all(&dir);
