@@ -11,6 +11,8 @@
 //! [`Client::command`] from as many tasks as you want commands in flight.
 #![forbid(unsafe_code)]
 
+pub mod verify;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
