@@ -3,6 +3,7 @@
 mod config;
 mod datadir;
 mod filedev;
+mod metrics;
 mod node;
 mod portal;
 mod prstore;
@@ -64,6 +65,9 @@ struct ServeArgs {
     /// TOML configuration; without it the embedded default is used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR:PORT (off unless given).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -161,8 +165,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let node = Arc::new(node::Node::build(cfg.clone(), &data_dir)?);
+        let metrics = metrics::Metrics::new();
+        let node = Arc::new(node::Node::build(cfg.clone(), &data_dir, metrics.clone())?);
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(addr) = &a.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            tracing::info!(metrics = %addr, "serving metrics");
+            tasks.spawn(metrics::serve(listener, metrics.clone()));
+        }
         for p in &cfg.portals {
             let listener = tokio::net::TcpListener::bind(&p.listen)
                 .await

@@ -13,6 +13,7 @@ use nvtarget_scsi::{
 
 use crate::config::{parse_size, Backend, ChapSection, Config};
 use crate::filedev::FileDevice;
+use crate::metrics::{MeteredDevice, Metrics};
 use crate::storedev::{Store, StoreDevice};
 
 /// Whether an initiator may log in to a target.
@@ -57,7 +58,7 @@ pub struct Node {
 
 impl Node {
     /// Opens every LUN's storage and builds the SCSI targets.
-    pub fn build(config: Config, data_dir: &Path) -> anyhow::Result<Node> {
+    pub fn build(config: Config, data_dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Node> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         let needs_store = config
@@ -66,7 +67,11 @@ impl Node {
             .flat_map(|t| &t.luns)
             .any(|l| l.backend == Backend::Store);
         let store = if needs_store {
-            Some(Store::open(data_dir, config.aggregate_size())?)
+            Some(Store::open(
+                data_dir,
+                config.aggregate_size(),
+                metrics.clone(),
+            )?)
         } else {
             None
         };
@@ -101,6 +106,8 @@ impl Node {
                         l.block_size,
                     )),
                 };
+                let device: Arc<dyn BlockDevice> =
+                    Arc::new(MeteredDevice::new(device, &metrics, &t.name, l.id));
                 let serial = serial_for(&t.name, l.id);
                 luns.push(ScsiLun {
                     id: l.id,

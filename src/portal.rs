@@ -533,7 +533,7 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("nvtarget-portal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let node = Arc::new(Node::build(cfg, &dir).unwrap());
+        let node = Arc::new(Node::build(cfg, &dir, crate::metrics::Metrics::new()).unwrap());
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(serve_portal(l, node));

@@ -16,12 +16,15 @@ use nvtarget_lun::{AggrOptions, Aggregate, Error as LunError, FileStorage, LunId
 use nvtarget_scsi::{BlockDevice, DevError, LbaStatus};
 use parking_lot::{Condvar, Mutex};
 
+use crate::metrics::Metrics;
+
 const CP_INTERVAL: Duration = Duration::from_secs(10);
 const CP_DIRTY_BYTES: u64 = 256 << 20;
 
 /// The aggregate plus the thread that takes its consistency points.
 pub struct Store {
     aggr: Aggregate,
+    metrics: Arc<Metrics>,
     cp: Mutex<CpState>,
     cp_cv: Condvar,
 }
@@ -40,7 +43,11 @@ struct CpState {
 impl Store {
     /// Opens `DATA_DIR/aggr0.img`, creating a sparse aggregate of
     /// `size_bytes` on first use.
-    pub fn open(data_dir: &Path, size_bytes: u64) -> anyhow::Result<Arc<Store>> {
+    pub fn open(
+        data_dir: &Path,
+        size_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Store>> {
         let path = nvtarget_lun::cli::aggr_path(data_dir);
         let exists = std::fs::metadata(&path)
             .map(|m| m.len() > 0)
@@ -65,6 +72,7 @@ impl Store {
         }
         let store = Arc::new(Store {
             aggr,
+            metrics,
             cp: Mutex::new(CpState::default()),
             cp_cv: Condvar::new(),
         });
@@ -172,11 +180,15 @@ fn cp_thread(store: std::sync::Weak<Store>) {
             }
         }
         let t0 = std::time::Instant::now();
+        s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
         let r = s.aggr.cp(s.aggr.highest_seq());
+        s.metrics.cp_duration.observe(t0.elapsed().as_secs_f64());
+        s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
         let mut st = s.cp.lock();
         st.done += 1;
         match r {
             Ok(stats) => {
+                s.metrics.cp_total.inc();
                 st.last_error = None;
                 tracing::debug!(
                     generation = stats.generation,
@@ -186,6 +198,7 @@ fn cp_thread(store: std::sync::Weak<Store>) {
                 );
             }
             Err(e) => {
+                s.metrics.cp_failed.inc();
                 tracing::error!(error = %e, "consistency point failed");
                 st.last_error = Some(e.to_string());
             }
