@@ -41,6 +41,7 @@ pub async fn serve_portal(listener: TcpListener, node: Arc<Node>) -> anyhow::Res
     let tpgt = portal_tpgt(&node, local);
     let params = target_params(&node);
     let directory: Arc<dyn TargetDirectory> = Arc::new(NodeDirectory { node: node.clone() });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -56,10 +57,17 @@ pub async fn serve_portal(listener: TcpListener, node: Arc<Node>) -> anyhow::Res
             tpgt,
             directory: directory.clone(),
         };
+        // Memory is bounded per connection; this bounds the connections.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "connection refused: too many connections");
+            drop(sock);
+            continue;
+        };
         let node = node.clone();
         tokio::spawn(async move {
             let reason = run_connection(sock, peer, cfg, node).await;
             tracing::info!(%peer, reason = %reason, "connection closed");
+            drop(slot);
         });
     }
 }
@@ -169,6 +177,18 @@ impl TargetDirectory for NodeDirectory {
     }
 }
 
+/// Asks every other connection logged in to `target` to close.
+fn close_target_sessions(target: &str, except_conn: u64) {
+    for e in SESSIONS
+        .lock()
+        .iter()
+        .filter(|(k, e)| k.target == target && e.conn_id != except_conn)
+        .map(|(_, e)| e)
+    {
+        e.stop.notify_one();
+    }
+}
+
 /// What a logged-in normal session executes against.
 struct Bound {
     target: Arc<ScsiTarget>,
@@ -222,6 +242,10 @@ async fn register(
 // ---- one connection --------------------------------------------------------------
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Connections one portal serves at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long writing one batch may take before the peer is considered gone.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Bytes gathered into one vectored write.
 const WRITE_BATCH: usize = 4 << 20;
 
@@ -301,15 +325,43 @@ async fn run_connection(
                     let resp = task_mgmt(bound.as_ref(), &t, &conn);
                     tracing::info!(%peer, function = ?t.function, lun = lun_id(t.lun), response = resp.0, "task management");
                     let _ = conn.complete_tmf(t.itt, resp);
+                    if t.function == TmfFunction::TARGET_COLD_RESET
+                        && resp == TmfResponse::FUNCTION_COMPLETE
+                    {
+                        // A cold reset ends every session of the target, not
+                        // only this one (RFC 7143 11.5.1); ours closes itself.
+                        if let Some(b) = &bound {
+                            close_target_sessions(&b.key.target, conn_id);
+                        }
+                    }
                 }
-                Event::Close(r) => break 'conn format!("{r:?}"),
+                Event::Close(r) => {
+                    if let CloseReason::LoginFailed(st) = &r {
+                        let (initiator, target) = conn.login_names();
+                        tracing::info!(
+                            %peer,
+                            initiator = initiator.unwrap_or("-"),
+                            target = target.unwrap_or("-"),
+                            status = format_args!("{:02x}{:02x}", st.0, st.1),
+                            "login failed"
+                        );
+                    }
+                    break 'conn format!("{r:?}");
+                }
             }
         }
         while let Some(t) = conn.poll_transmit() {
             push_transmit(&mut out, t);
         }
-        if let Err(e) = write_all(&mut wr, &mut out).await {
-            break format!("write error: {e}");
+        // A peer that stops reading must not pin this task (and the session
+        // a reinstating login waits for) forever.
+        tokio::select! {
+            r = tokio::time::timeout(WRITE_STALL, write_all(&mut wr, &mut out)) => match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break format!("write error: {e}"),
+                Err(_) => break "write stalled".to_string(),
+            },
+            _ = stop.notified() => break "closed while writing (reinstatement)".to_string(),
         }
         if conn.is_closed() {
             // Let poll_event report the close now that everything is written.

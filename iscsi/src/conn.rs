@@ -258,11 +258,15 @@ pub struct Connection {
     next_ttt: u32,
     text_acc: TextAccumulator,
     text_cont: Option<TextContinuation>,
+    /// The TTT we gave a Text request sent with the Continue bit.
+    text_req_ttt: Option<u32>,
     tmf_pending: HashMap<u32, TmfFunction>,
     events: VecDeque<Event>,
     transmits: VecDeque<Transmit>,
     closing: Option<CloseReason>,
     close_emitted: bool,
+    /// InitiatorName and TargetName of the login, once sent.
+    login_names: (Option<String>, Option<String>),
     started: Instant,
     last_rx: Instant,
     ping: Option<(u32, Instant)>,
@@ -306,11 +310,13 @@ impl Connection {
             next_ttt,
             text_acc: TextAccumulator::default(),
             text_cont: None,
+            text_req_ttt: None,
             tmf_pending: HashMap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             closing: None,
             close_emitted: false,
+            login_names: (None, None),
             started: now,
             last_rx: now,
             ping: None,
@@ -320,6 +326,12 @@ impl Connection {
     /// The login result, once in full-feature phase.
     pub fn login_info(&self) -> Option<&LoginInfo> {
         self.info.as_deref()
+    }
+
+    /// InitiatorName and TargetName the initiator sent at login, also after a
+    /// failed login (for the log line that explains it).
+    pub fn login_names(&self) -> (Option<&str>, Option<&str>) {
+        (self.login_names.0.as_deref(), self.login_names.1.as_deref())
     }
 
     pub fn is_closed(&self) -> bool {
@@ -521,6 +533,7 @@ impl Connection {
         };
         let out = machine.on_request(&req, self.cfg.directory.as_ref(), &mut self.rng);
         let (isid, tsih) = machine.ids();
+        self.login_names = machine.names.clone();
         // The login's CmdSN is the session's first ExpCmdSN (login PDUs are immediate).
         self.exp_cmdsn = req.cmdsn;
         let mut resp = LoginResp {
@@ -580,13 +593,8 @@ impl Connection {
         let op = pdu.bhs.opcode();
         match op {
             Opcode::DATA_OUT => self.on_data_out(&pdu),
-            Opcode::NOP_OUT if pdu.bhs.itt() == RESERVED_TAG => {
-                // The answer to our ping; it carries no CmdSN of its own.
-                let n = NopOut::parse(&pdu);
-                if self.ping.map(|(t, _)| t) == Some(n.ttt) {
-                    self.ping = None;
-                }
-            }
+            // The answer to our ping (cleared below); it carries no CmdSN of its own.
+            Opcode::NOP_OUT if pdu.bhs.itt() == RESERVED_TAG => {}
             Opcode::NOP_OUT
             | Opcode::SCSI_COMMAND
             | Opcode::TASK_MGMT_REQ
@@ -597,10 +605,9 @@ impl Connection {
             o if o.name().is_some() => self.reject(&pdu.bhs, RejectReason::PROTOCOL_ERROR),
             _ => self.reject(&pdu.bhs, RejectReason::COMMAND_NOT_SUPPORTED),
         }
-        // Any received PDU proves the initiator alive.
-        if op != Opcode::NOP_OUT {
-            self.ping = None;
-        }
+        // Any received PDU proves the initiator alive, not only the answer to
+        // the ping: an initiator busy sending data must not be dropped.
+        self.ping = None;
     }
 
     /// CmdSN ordering (RFC 7143 3.2.2.1).
@@ -1192,7 +1199,12 @@ impl Connection {
 
     fn on_text(&mut self, pdu: &Pdu) {
         let req = TextReq::parse(pdu);
-        if req.ttt != RESERVED_TAG {
+        if req.ttt == RESERVED_TAG {
+            // A new request: whatever was half done is abandoned.
+            self.text_cont = None;
+            self.text_req_ttt = None;
+            self.text_acc.take();
+        } else if self.text_req_ttt != Some(req.ttt) {
             // The initiator asks for the next part of a long response.
             match self.text_cont.take() {
                 Some(c) if c.ttt == req.ttt && c.itt == req.itt => {
@@ -1202,14 +1214,16 @@ impl Connection {
             }
             return;
         }
-        self.text_cont = None;
+        // Otherwise: the next part of a request sent with the Continue bit.
         if self.text_acc.push(&req.data).is_err() {
             self.text_acc.take();
+            self.text_req_ttt = None;
             self.reject(&pdu.bhs, RejectReason::PROTOCOL_ERROR);
             return;
         }
         if req.cont {
             let ttt = self.alloc_ttt();
+            self.text_req_ttt = Some(ttt);
             let r = TextResp {
                 final_: false,
                 cont: false,
@@ -1224,6 +1238,7 @@ impl Connection {
             self.send(r.to_pdu());
             return;
         }
+        self.text_req_ttt = None;
         let data = self.text_acc.take();
         let keys = match TextPairs::parse(&data) {
             Ok(k) => k,
@@ -1331,11 +1346,6 @@ impl Connection {
                 session: req.reason == LogoutReason::CLOSE_SESSION,
             });
         }
-    }
-
-    /// A fresh TTT-like value for embedders needing unique tags (tests).
-    pub fn random_u32(&mut self) -> u32 {
-        self.rng.next_u32()
     }
 
     /// How long until the next timeout from `now` (for drivers without Instant sleeps).

@@ -182,6 +182,8 @@ enum State {
 
 /// Drives one connection's login.
 pub(crate) struct LoginMachine {
+    /// InitiatorName and TargetName as first sent, for logging failures.
+    pub names: (Option<String>, Option<String>),
     state: State,
     ctx: Option<Ctx>,
     acc: TextAccumulator,
@@ -194,6 +196,7 @@ type StepResult = Result<(State, Reply, Option<Box<LoginInfo>>), LoginStatus>;
 impl LoginMachine {
     pub fn new(params: TargetParams, tpgt: u16) -> LoginMachine {
         LoginMachine {
+            names: (None, None),
             state: State::Initial(Initial),
             ctx: None,
             acc: TextAccumulator::default(),
@@ -301,6 +304,10 @@ impl Initial {
         keys: TextPairs,
         dir: &dyn TargetDirectory,
     ) -> StepResult {
+        m.names = (
+            keys.get("InitiatorName").map(str::to_string),
+            keys.get("TargetName").map(str::to_string),
+        );
         // Only version 0x00 exists.
         if req.version_min > 0 {
             return Err(LoginStatus::UNSUPPORTED_VERSION);

@@ -37,6 +37,12 @@ impl TargetDirectory for Dir {
                 vec!["127.0.0.1:3260,1".to_string()],
             ),
         ];
+        if which == "Big" {
+            let name = |i: i32| format!("iqn.t:{i:03}-{}", "x".repeat(200));
+            return (0..60)
+                .map(|i| (name(i), vec!["10.0.0.1:3260,1".to_string()]))
+                .collect();
+        }
         all.into_iter()
             .filter(|(n, _)| which == "All" || n == which)
             .collect()
@@ -535,6 +541,70 @@ fn discovery_send_targets() {
             .collect();
     assert_eq!(names, ["iqn.t:disk", "iqn.t:other"]);
     assert_eq!(k.get("TargetAddress"), Some("127.0.0.1:3260,1"));
+}
+
+#[test]
+fn text_request_and_response_continuations() {
+    let mut h = logged_in();
+    // A request split over two PDUs: the second carries the TTT we handed out.
+    let all = keys(&[("SendTargets", "All"), ("X-example.key", "1")]);
+    let t = TextReq {
+        immediate: true,
+        final_: false,
+        cont: true,
+        itt: 40,
+        ttt: RESERVED_TAG,
+        cmdsn: h.cmdsn,
+        data: all.slice(..8),
+        ..TextReq::default()
+    };
+    h.send(t.to_pdu());
+    let r = TextResp::parse(&h.recv()[0]);
+    assert!(!r.final_ && r.data.is_empty() && r.ttt != RESERVED_TAG);
+    let t2 = TextReq {
+        final_: true,
+        cont: false,
+        ttt: r.ttt,
+        data: all.slice(8..),
+        ..t.clone()
+    };
+    h.send(t2.to_pdu());
+    let r = TextResp::parse(&h.recv()[0]);
+    assert!(r.final_ && r.ttt == RESERVED_TAG);
+    let k = TextPairs::parse(&r.data).unwrap();
+    assert_eq!(k.get("TargetName"), Some("iqn.t:disk"));
+    assert_eq!(k.get("X-example.key"), Some("NotUnderstood"));
+    // A response longer than the initiator's 8192 bytes comes in parts, each
+    // fetched with an empty request carrying the TTT.
+    let t = TextReq {
+        final_: true,
+        cont: false,
+        itt: 41,
+        ttt: RESERVED_TAG,
+        data: keys(&[("SendTargets", "Big")]),
+        ..t
+    };
+    h.send(t.to_pdu());
+    let mut text = Vec::new();
+    let mut r = TextResp::parse(&h.recv()[0]);
+    while !r.final_ {
+        assert!(r.cont && r.ttt != RESERVED_TAG && r.data.len() == 8192);
+        text.extend_from_slice(&r.data);
+        let next = TextReq {
+            ttt: r.ttt,
+            data: Bytes::new(),
+            ..t.clone()
+        };
+        h.send(next.to_pdu());
+        r = TextResp::parse(&h.recv()[0]);
+    }
+    text.extend_from_slice(&r.data);
+    // Longer than one request may be, so counted without the parser's limit.
+    let names = text
+        .split(|&b| b == 0)
+        .filter(|kv| kv.starts_with(b"TargetName="))
+        .count();
+    assert_eq!(names, 60);
 }
 
 #[test]
