@@ -14,6 +14,9 @@ use serde::Deserialize;
 /// Size of a new aggregate unless `node.aggregate_size` says otherwise.
 pub const DEFAULT_AGGREGATE_SIZE: u64 = 8 << 30;
 
+/// Size of a new NVRAM region unless `node.nvram_size` says otherwise.
+pub const DEFAULT_NVRAM_SIZE: u64 = 256 << 20;
+
 /// The configuration compiled into the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../examples/default.toml");
 
@@ -59,6 +62,21 @@ pub struct NodeSection {
     /// Size of the aggregate file created on first start ("8GiB" by default;
     /// sparse, so it takes only the space LUNs use).
     pub aggregate_size: Option<String>,
+    /// Size of the NVRAM region file created on first start ("256MiB").
+    pub nvram_size: Option<String>,
+    /// What an acknowledged write survives: "process" (the mapped log file
+    /// survives a killed process; default) or "power" (the record is synced to
+    /// the device before status; survives power loss).
+    #[serde(default)]
+    pub nvram_durability: NvramDurability,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NvramDurability {
+    #[default]
+    Process,
+    Power,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +245,14 @@ impl Config {
             .unwrap_or(DEFAULT_AGGREGATE_SIZE)
     }
 
+    pub fn nvram_size(&self) -> u64 {
+        self.node
+            .nvram_size
+            .as_deref()
+            .and_then(parse_size)
+            .unwrap_or(DEFAULT_NVRAM_SIZE)
+    }
+
     /// Loads `path`, or the embedded default when `path` is None.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
@@ -273,6 +299,14 @@ impl Config {
                 )
             })?,
         };
+        if let Some(s) = &self.node.nvram_size {
+            if parse_size(s).filter(|&n| n >= 1 << 20).is_none() {
+                return Err(invalid(
+                    "node.nvram_size".into(),
+                    format!("{s:?} is not a size of at least 1MiB"),
+                ));
+            }
+        }
         let mut listens = HashSet::new();
         for (i, p) in self.portals.iter().enumerate() {
             let addr: SocketAddr = p.listen.parse().map_err(|_| {

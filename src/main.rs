@@ -45,6 +45,11 @@ enum Cmd {
         #[command(flatten)]
         args: nvtarget_lun::cli::SnapshotArgs,
     },
+    /// NVRAM log tools.
+    Nvram {
+        #[command(subcommand)]
+        cmd: NvramCmd,
+    },
     /// Aggregate tools: `check` verifies everything, `space` reports usage.
     Aggr {
         #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
@@ -68,6 +73,16 @@ struct ServeArgs {
     /// Serve Prometheus metrics on ADDR:PORT (off unless given).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum NvramCmd {
+    /// Print the log: halves, records (seq, op, LUN, range), and what a
+    /// restart would replay on top of the aggregate's last CP.
+    Dump {
+        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -105,6 +120,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Aggr { data_dir, args } => {
             let _lock = datadir::lock(&data_dir)?;
             nvtarget_lun::cli::aggr_cmd(&data_dir, args)
+        }
+        Cmd::Nvram {
+            cmd: NvramCmd::Dump { data_dir },
+        } => {
+            // Read-only: safe next to a running target, which may be
+            // appending (the dump then shows a moment of the log).
+            let committed = nvtarget_lun::cli::open_existing(&data_dir)
+                .ok()
+                .map(|a| a.highest_seq());
+            let path = nvtarget_nvram::region_path(&data_dir);
+            nvtarget_nvram::dump(&path, &mut std::io::stdout().lock(), committed)
+                .with_context(|| format!("dumping {}", path.display()))?;
+            Ok(())
         }
         Cmd::Config {
             cmd: ConfigCmd::Check { file },

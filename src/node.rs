@@ -11,10 +11,10 @@ use nvtarget_scsi::{
     BlockDevice, LunConfig as ScsiLun, ScsiTarget, TargetConfig as ScsiTargetConfig,
 };
 
-use crate::config::{parse_size, Backend, ChapSection, Config};
+use crate::config::{parse_size, Backend, ChapSection, Config, NvramDurability};
 use crate::filedev::FileDevice;
 use crate::metrics::{MeteredDevice, Metrics};
-use crate::storedev::{Store, StoreDevice};
+use crate::storedev::{LogOptions, Store, StoreDevice};
 
 /// Whether an initiator may log in to a target.
 #[derive(Debug, Clone)]
@@ -70,6 +70,13 @@ impl Node {
             Some(Store::open(
                 data_dir,
                 config.aggregate_size(),
+                LogOptions {
+                    size: config.nvram_size(),
+                    durability: match config.node.nvram_durability {
+                        NvramDurability::Process => nvtarget_nvram::Durability::Process,
+                        NvramDurability::Power => nvtarget_nvram::Durability::Power,
+                    },
+                },
                 metrics.clone(),
             )?)
         } else {

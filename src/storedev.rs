@@ -1,29 +1,38 @@
-//! LUNs served from the write-anywhere store (`nvtarget-lun`).
+//! LUNs served from the write-anywhere store (`nvtarget-lun`), every write
+//! logged to NVRAM (`nvtarget-nvram`) before it is acknowledged.
 //!
-//! Writes land in the aggregate's in-memory dirty set; a consistency point
-//! (CP) makes them durable. Until the NVRAM log exists, nothing else does:
-//! the LUN reports a volatile write cache (WCE=1), and FUA writes and
-//! SYNCHRONIZE CACHE each wait for a CP that started after them. A background
-//! thread takes a CP every `CP_INTERVAL` and as soon as the dirty set passes
-//! `CP_DIRTY_BYTES`; writers wait (flow control) while it is over twice that.
+//! Write path: `Log::append_with` makes the record durable (per the region's
+//! durability mode), then applies it to the aggregate's dirty set in seq
+//! order, then the write is answered. FUA and SYNCHRONIZE CACHE need nothing
+//! more: the log is the stable copy.
+//!
+//! Consistency points: a thread waits until the log asks for one (active half
+//! half full, an append waiting for room, or on demand) or `CP_INTERVAL`
+//! passes with data dirty; then `begin_cp` switches the log to its other half
+//! and returns once every record up to the ticket is in the dirty set, the
+//! aggregate commits a CP recording that seq, and `cp_done` prunes the half.
+//!
+//! Start: mount the aggregate, open the log with the aggregate's committed
+//! seq, apply every later record in log order, commit a CP, serve.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nvtarget_lun::{AggrOptions, Aggregate, Error as LunError, FileStorage, LunId};
+use nvtarget_nvram::{Durability, Log, Op, RecordMeta, RegionConfig};
 use nvtarget_scsi::{BlockDevice, DevError, LbaStatus};
 use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 
 const CP_INTERVAL: Duration = Duration::from_secs(10);
-const CP_DIRTY_BYTES: u64 = 256 << 20;
 
-/// The aggregate plus the thread that takes its consistency points.
+/// The aggregate, its NVRAM log and the thread that takes consistency points.
 pub struct Store {
     aggr: Aggregate,
+    log: Log,
     metrics: Arc<Metrics>,
     cp: Mutex<CpState>,
     cp_cv: Condvar,
@@ -31,21 +40,34 @@ pub struct Store {
 
 #[derive(Default)]
 struct CpState {
-    /// CPs requested (by count): the CP thread runs until `done >= wanted`.
+    /// CPs asked for by `checkpoint` (by count).
     wanted: u64,
     /// CPs completed.
     done: u64,
-    /// The last CP's error, reported to every waiter of that CP.
-    last_error: Option<String>,
+    /// Set when a CP failed: the aggregate is poisoned, writes fail.
+    failed: Option<String>,
     stop: bool,
 }
 
+/// Where the log lives and what its acknowledgement promises.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    pub size: u64,
+    pub durability: Durability,
+}
+
+fn log_err(e: nvtarget_nvram::Error) -> DevError {
+    DevError::Io(std::io::Error::other(format!("NVRAM log: {e}")))
+}
+
 impl Store {
-    /// Opens `DATA_DIR/aggr0.img`, creating a sparse aggregate of
-    /// `size_bytes` on first use.
+    /// Opens `DATA_DIR/aggr0.img` (creating a sparse aggregate of
+    /// `size_bytes` on first use) and `DATA_DIR/nvram.img`, and replays the
+    /// log into the aggregate.
     pub fn open(
         data_dir: &Path,
         size_bytes: u64,
+        log_opts: LogOptions,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Store>> {
         let path = nvtarget_lun::cli::aggr_path(data_dir);
@@ -70,8 +92,44 @@ impl Store {
         if let Some(why) = aggr.read_only_reason() {
             tracing::warn!(aggregate = %path.display(), reason = why, "aggregate mounted read-only");
         }
+        let committed = aggr.highest_seq();
+        let (log, mut replay) = Log::open_dir(
+            data_dir,
+            RegionConfig {
+                size: log_opts.size,
+                durability: log_opts.durability,
+            },
+            committed,
+        )
+        .context("opening the NVRAM log")?;
+        if !replay.report.is_clean() {
+            tracing::warn!(report = ?replay.report, "NVRAM log scan stopped early; records before the damage are replayed");
+        }
+        let t0 = Instant::now();
+        let n = replay.len();
+        for p in replay.report.problems() {
+            tracing::warn!(problem = %p, "NVRAM log");
+        }
+        for rec in replay.records() {
+            let rec = rec.context("reading a log record to replay")?;
+            apply_record(&aggr, &rec);
+            aggr.note_applied_seq(rec.seq);
+        }
+        if let Some(ticket) = replay.take_ticket() {
+            aggr.cp(ticket.seq())
+                .context("consistency point after log replay")?;
+            log.cp_done(ticket).context("pruning the replayed log")?;
+        }
+        tracing::info!(
+            records = n,
+            committed_seq = committed,
+            ms = t0.elapsed().as_millis() as u64,
+            durability = ?log_opts.durability,
+            "NVRAM log replayed"
+        );
         let store = Arc::new(Store {
             aggr,
+            log,
             metrics,
             cp: Mutex::new(CpState::default()),
             cp_cv: Condvar::new(),
@@ -100,53 +158,63 @@ impl Store {
                 }
                 Ok(info.id)
             }
-            None => {
-                let id = self
-                    .aggr
-                    .create_lun_with_block_size(name, size, block_size)?;
-                // Make the new LUN itself durable right away.
-                self.checkpoint()?;
-                Ok(id)
-            }
+            None => Ok(self
+                .aggr
+                .create_lun_with_block_size(name, size, block_size)?),
         }
     }
 
     /// Takes a CP that starts after this call and waits for it.
     pub fn checkpoint(&self) -> Result<(), DevError> {
         let mut st = self.cp.lock();
-        // A CP already running may have frozen its dirty set before our
-        // writes: ask for one more than is in flight.
         let ticket = st.done + if st.wanted > st.done { 2 } else { 1 };
         st.wanted = st.wanted.max(ticket);
+        self.log.request_cp();
         self.cp_cv.notify_all();
-        while st.done < ticket && !st.stop {
+        while st.done < ticket && !st.stop && st.failed.is_none() {
             self.cp_cv.wait(&mut st);
         }
-        match &st.last_error {
+        match &st.failed {
             Some(e) => Err(DevError::Io(std::io::Error::other(e.clone()))),
             None => Ok(()),
         }
     }
 
-    fn request_cp(&self) {
-        let mut st = self.cp.lock();
-        if st.wanted <= st.done {
-            st.wanted = st.done + 1;
-            self.cp_cv.notify_all();
+    fn failed(&self) -> Result<(), DevError> {
+        match &self.cp.lock().failed {
+            Some(e) => Err(DevError::Io(std::io::Error::other(e.clone()))),
+            None => Ok(()),
         }
     }
+}
 
-    /// Flow control: past twice the CP threshold, a writer waits for a CP.
-    fn throttle(&self) -> Result<(), DevError> {
-        let dirty = self.aggr.dirty_bytes();
-        if dirty > 2 * CP_DIRTY_BYTES {
-            self.checkpoint()
-        } else {
-            if dirty > CP_DIRTY_BYTES {
-                self.request_cp();
-            }
+/// Applies one replayed record to the aggregate. A record that can no longer
+/// apply (its LUN was deleted) is reported and skipped.
+fn apply_record(aggr: &Aggregate, rec: &nvtarget_nvram::Record) {
+    let m = &rec.meta;
+    let Some(info) = aggr.lun(m.lun) else {
+        tracing::warn!(
+            seq = rec.seq,
+            lun = m.lun,
+            "replay: record for a LUN that no longer exists, skipped"
+        );
+        return;
+    };
+    let bs = info.logical_block_size as u64;
+    let off = m.lba * bs;
+    let r = match m.op {
+        Op::WRITE | Op::COMPARE_AND_WRITE => aggr.write(m.lun, off, &rec.data),
+        Op::UNMAP => aggr.unmap(m.lun, off, m.blocks as u64 * bs),
+        Op::WRITE_SAME => {
+            (0..m.blocks as u64).try_for_each(|i| aggr.write(m.lun, off + i * bs, &rec.data))
+        }
+        other => {
+            tracing::warn!(seq = rec.seq, op = %other, "replay: record kind not replayed yet, skipped");
             Ok(())
         }
+    };
+    if let Err(e) = r {
+        tracing::error!(seq = rec.seq, lun = m.lun, lba = m.lba, error = %e, "replay: record failed to apply");
     }
 }
 
@@ -158,30 +226,38 @@ impl Drop for Store {
 }
 
 fn cp_thread(store: std::sync::Weak<Store>) {
+    let mut last = Instant::now();
     loop {
         let Some(s) = store.upgrade() else { return };
-        {
-            let mut st = s.cp.lock();
-            if st.stop {
-                return;
-            }
-            if st.wanted <= st.done {
-                let _ = s.cp_cv.wait_for(&mut st, CP_INTERVAL);
-                if st.stop {
-                    return;
-                }
-                if st.wanted <= st.done {
-                    // Timer: only worth a CP if something is dirty.
-                    if s.aggr.dirty_bytes() == 0 {
-                        continue;
-                    }
-                    st.wanted = st.done + 1;
-                }
-            }
+        if s.cp.lock().stop {
+            return;
         }
-        let t0 = std::time::Instant::now();
+        let needed = s.log.wait_cp_needed(Duration::from_millis(200));
+        let explicit = {
+            let st = s.cp.lock();
+            st.wanted > st.done
+        };
+        let timer = last.elapsed() >= CP_INTERVAL && s.aggr.dirty_bytes() > 0;
+        if !(needed || explicit || timer) {
+            continue;
+        }
+        let t0 = Instant::now();
         s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
-        let r = s.aggr.cp(s.aggr.highest_seq());
+        let r = s
+            .log
+            .begin_cp()
+            .map_err(|e| e.to_string())
+            .and_then(|ticket| {
+                s.aggr.note_applied_seq(ticket.seq());
+                s.aggr
+                    .cp(ticket.seq())
+                    .map_err(|e| e.to_string())
+                    .and_then(|stats| {
+                        s.log.cp_done(ticket).map_err(|e| e.to_string())?;
+                        Ok(stats)
+                    })
+            });
+        last = Instant::now();
         s.metrics.cp_duration.observe(t0.elapsed().as_secs_f64());
         s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
         let mut st = s.cp.lock();
@@ -189,7 +265,6 @@ fn cp_thread(store: std::sync::Weak<Store>) {
         match r {
             Ok(stats) => {
                 s.metrics.cp_total.inc();
-                st.last_error = None;
                 tracing::debug!(
                     generation = stats.generation,
                     data_blocks = stats.data_blocks,
@@ -199,8 +274,8 @@ fn cp_thread(store: std::sync::Weak<Store>) {
             }
             Err(e) => {
                 s.metrics.cp_failed.inc();
-                tracing::error!(error = %e, "consistency point failed");
-                st.last_error = Some(e.to_string());
+                tracing::error!(error = %e, "consistency point failed; writes now fail until restart");
+                st.failed = Some(e);
             }
         }
         s.cp_cv.notify_all();
@@ -260,30 +335,68 @@ impl BlockDevice for StoreDevice {
             .map_err(|e| dev_err(e, lba))
     }
 
-    fn write(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
+    fn write(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), DevError> {
+        // FUA needs nothing more: the record is durable when append returns.
         let off = self.bytes(lba)?;
-        self.store.throttle()?;
-        self.store
-            .aggr
-            .write(self.lun, off, data)
-            .map_err(|e| dev_err(e, lba))?;
-        if fua {
-            self.store.checkpoint()?;
-        }
-        Ok(())
+        self.store.failed()?;
+        let blocks = u32::try_from(data.len() as u64 / self.block_size as u64)
+            .map_err(|_| DevError::Io(std::io::Error::other("write too large for one record")))?;
+        let meta = RecordMeta::data(
+            Op::WRITE,
+            self.lun,
+            lba,
+            blocks,
+            self.store.aggr.generation(),
+        );
+        let (_, r) = self
+            .store
+            .log
+            .append_with(&meta, data, |seq| {
+                let r = self.store.aggr.write(self.lun, off, data);
+                self.store.aggr.note_applied_seq(seq);
+                r
+            })
+            .map_err(log_err)?;
+        r.map_err(|e| dev_err(e, lba))
     }
 
     fn flush(&self) -> Result<(), DevError> {
-        self.store.checkpoint()
+        // Every acknowledged write is already in the log.
+        self.store.failed()
     }
 
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DevError> {
         let off = self.bytes(lba)?;
-        let len = self.bytes(blocks)?;
-        self.store
-            .aggr
-            .unmap(self.lun, off, len)
-            .map_err(|e| dev_err(e, lba))
+        self.bytes(blocks)?;
+        self.store.failed()?;
+        // One record per 2^31 blocks keeps the count in its u32 field.
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(1 << 31);
+            let meta = RecordMeta::data(
+                Op::UNMAP,
+                self.lun,
+                lba + done,
+                n as u32,
+                self.store.aggr.generation(),
+            );
+            let at = off + done * self.block_size as u64;
+            let (_, r) = self
+                .store
+                .log
+                .append_with(&meta, &[], |seq| {
+                    let r = self
+                        .store
+                        .aggr
+                        .unmap(self.lun, at, n * self.block_size as u64);
+                    self.store.aggr.note_applied_seq(seq);
+                    r
+                })
+                .map_err(log_err)?;
+            r.map_err(|e| dev_err(e, lba + done))?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn thin(&self) -> bool {

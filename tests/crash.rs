@@ -19,7 +19,6 @@ use nvtarget_client::verify::{deadline_in, Oracle};
 use nvtarget_client::{Client, LoginOptions};
 
 #[test]
-#[ignore = "fails until the NVRAM log (issue 4) is wired in: the store alone keeps acknowledged writes in memory until the next CP"]
 fn acknowledged_writes_survive_sigkill() {
     let rounds: u32 = std::env::var("NVT_CRASH_ROUNDS")
         .ok()

@@ -23,6 +23,9 @@ const MAX_ERRORS: usize = 100;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
+    /// Generation in each superblock slot (None: invalid or never written).
+    /// The older slot is the previous CP, kept until the next commit.
+    pub superblocks: Vec<Option<u64>>,
     pub generation: u64,
     pub highest_seq: u64,
     pub total_blocks: u64,
@@ -58,6 +61,12 @@ impl fmt::Display for CheckReport {
             "generation {} highest_seq {}",
             self.generation, self.highest_seq
         )?;
+        for (i, g) in self.superblocks.iter().enumerate() {
+            match g {
+                Some(g) => writeln!(f, "superblock slot {i}: generation {g}")?,
+                None => writeln!(f, "superblock slot {i}: invalid")?,
+            }
+        }
         writeln!(f, "{} LUNs, {} snapshots", self.luns, self.snapshots)?;
         writeln!(
             f,
@@ -245,6 +254,13 @@ fn run(
         memo: HashMap::new(),
         data: HashMap::new(),
         report: CheckReport {
+            superblocks: (0..SUPERBLOCK_SLOTS)
+                .map(|slot| {
+                    let mut b = zero_block();
+                    storage.read_at(&mut b[..], slot * BLOCK_SIZE as u64).ok()?;
+                    Superblock::decode(&b).map(|s| s.generation)
+                })
+                .collect(),
             generation: sb.generation,
             highest_seq: sb.highest_seq,
             total_blocks: total,
@@ -253,6 +269,13 @@ fn run(
             ..Default::default()
         },
     };
+    let newest = w.report.superblocks.iter().flatten().max().copied();
+    if newest != Some(sb.generation) {
+        w.report.error(format!(
+            "newest superblock on disk is generation {newest:?}, mounted {}: another process wrote the aggregate?",
+            sb.generation
+        ));
+    }
     // The catalog was verified when mounted; re-verify from disk.
     let mut p = sb.catalog;
     let mut n = 0;

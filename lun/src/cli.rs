@@ -24,14 +24,21 @@ pub fn aggr_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Opens `DATA_DIR/aggr0.img`; on first use creates it (sparse, 8 GiB) with
-/// a 1 GiB thin LUN named "default" (512-byte logical blocks). For `serve`.
+/// a 1 GiB thin LUN named "default" (512-byte logical blocks), also created
+/// if the aggregate has no LUN at all. For `serve`.
 pub fn open_or_create(data_dir: &Path) -> anyhow::Result<Aggregate> {
     let path = aggr_path(data_dir);
     let exists = std::fs::metadata(&path)
         .map(|m| m.len() > 0)
         .unwrap_or(false);
     if exists {
-        return open_existing(data_dir);
+        let agg = open_existing(data_dir)?;
+        // A crash between formatting and creating the LUN leaves an empty
+        // aggregate: finish the job.
+        if agg.luns().is_empty() {
+            agg.create_lun(DEFAULT_LUN_NAME, DEFAULT_LUN_SIZE)?;
+        }
+        return Ok(agg);
     }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;

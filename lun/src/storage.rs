@@ -53,8 +53,9 @@ pub struct FileStorage {
 const DIRECT_ALIGN: usize = 4096;
 
 impl FileStorage {
-    /// Opens (creating if missing) `path`. With `direct`, I/O bypasses the page
-    /// cache (O_DIRECT); buffers are bounced through aligned memory.
+    /// Opens (creating if missing) `path`: a regular file (created sparse by
+    /// `Aggregate::create`) or a block device. With `direct`, I/O bypasses the
+    /// page cache (O_DIRECT); unaligned buffers are bounced through aligned memory.
     pub fn open(path: &Path, direct: bool) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false);
@@ -66,11 +67,32 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    fn is_block_device(&self) -> io::Result<bool> {
+        use std::os::unix::fs::FileTypeExt;
+        Ok(self.file.metadata()?.file_type().is_block_device())
+    }
+}
+
 impl Storage for FileStorage {
     fn len(&self) -> io::Result<u64> {
+        if self.is_block_device()? {
+            // st_size is 0 for block devices; their end is their size.
+            use std::io::Seek;
+            return (&self.file).seek(io::SeekFrom::End(0));
+        }
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.is_block_device()? {
+            // A device cannot be resized: it just has to be large enough.
+            if self.len()? < len {
+                return Err(io::Error::other(format!(
+                    "block device smaller than {len} bytes"
+                )));
+            }
+            return Ok(());
+        }
         self.file.set_len(len)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -96,7 +118,9 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
     fn write_parallelism(&self) -> usize {
-        4
+        // Enough queue depth for SSDs/virtio when free space is fragmented
+        // and a CP is many small writes.
+        16
     }
 }
 
@@ -114,6 +138,9 @@ pub enum CrashMode {
     /// Only the last unsynced write survives: the disk reordered writes.
     /// Catches a missing barrier between data and the superblock.
     KeepLastOnly,
+    /// Each 512-byte sector of every unsynced write survives or not, chosen
+    /// pseudo-randomly from the seed: arbitrary reordering and tearing.
+    RandomSectors(u64),
 }
 
 #[derive(Default)]
@@ -180,6 +207,21 @@ impl FaultStorage {
             CrashMode::KeepLastOnly => {
                 if let Some((off, data)) = st.pending.last() {
                     apply(&mut img, *off, data);
+                }
+            }
+            CrashMode::RandomSectors(seed) => {
+                for (i, (off, data)) in st.pending.iter().enumerate() {
+                    for (k, sector) in data.chunks(512).enumerate() {
+                        let mut h = seed
+                            ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            ^ (k as u64) << 32;
+                        h ^= h >> 31;
+                        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                        h ^= h >> 29;
+                        if h & 1 == 1 {
+                            apply(&mut img, off + k as u64 * 512, sector);
+                        }
+                    }
                 }
             }
             CrashMode::TearLast => {

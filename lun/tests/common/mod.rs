@@ -41,7 +41,52 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// A model reduced to sizes and checksums (cheap to keep many of).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    pub items: BTreeMap<String, (usize, u32)>,
+    pub highest_seq: u64,
+}
+
+impl Digest {
+    /// Names whose contents differ, for assertion messages.
+    pub fn diff(&self, other: &Digest) -> Option<String> {
+        if self == other {
+            return None;
+        }
+        let mut d: Vec<String> = Vec::new();
+        for (k, v) in &self.items {
+            if other.items.get(k) != Some(v) {
+                d.push(k.clone());
+            }
+        }
+        for k in other.items.keys() {
+            if !self.items.contains_key(k) {
+                d.push(k.clone());
+            }
+        }
+        Some(format!(
+            "differ: {d:?}, highest_seq {} vs {}",
+            self.highest_seq, other.highest_seq
+        ))
+    }
+}
+
 impl Model {
+    pub fn digest(&self) -> Digest {
+        let mut items = BTreeMap::new();
+        for (k, v) in &self.luns {
+            items.insert(format!("lun {k}"), (v.len(), crc32c::crc32c(v)));
+        }
+        for ((l, s), v) in &self.snaps {
+            items.insert(format!("snap {l}/{s}"), (v.len(), crc32c::crc32c(v)));
+        }
+        Digest {
+            items,
+            highest_seq: self.highest_seq,
+        }
+    }
+
     /// First difference, for assertion messages.
     pub fn diff(&self, other: &Model) -> Option<String> {
         if self == other {
@@ -229,7 +274,12 @@ fn apply_inner(
             let size = model.luns[&name].len() as u64;
             let off = (sector * 512) % size;
             let len = (sectors * 512).min(size - off);
-            let data = pattern(*seed, len as usize);
+            // Some writes are zeros: they turn blocks into holes.
+            let data = if seed % 8 == 0 {
+                vec![0; len as usize]
+            } else {
+                pattern(*seed, len as usize)
+            };
             match agg.write(id(agg, &name), off, &data) {
                 Ok(()) => {
                     model.luns.get_mut(&name).expect("model lun")
