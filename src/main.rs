@@ -40,7 +40,12 @@ enum Cmd {
     },
     /// Snapshots of LUNs in the aggregate (offline: the target must be stopped).
     Snapshot {
-        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        #[arg(
+            long,
+            global = true,
+            value_name = "DIR",
+            default_value = "nvtarget-data"
+        )]
         data_dir: PathBuf,
         #[command(flatten)]
         args: nvtarget_lun::cli::SnapshotArgs,
@@ -52,7 +57,12 @@ enum Cmd {
     },
     /// Aggregate tools: `check` verifies everything, `space` reports usage.
     Aggr {
-        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        #[arg(
+            long,
+            global = true,
+            value_name = "DIR",
+            default_value = "nvtarget-data"
+        )]
         data_dir: PathBuf,
         #[command(flatten)]
         args: nvtarget_lun::cli::AggrArgs,
@@ -80,7 +90,12 @@ enum NvramCmd {
     /// Print the log: halves, records (seq, op, LUN, range), and what a
     /// restart would replay on top of the aggregate's last CP.
     Dump {
-        #[arg(long, value_name = "DIR", default_value = "nvtarget-data")]
+        #[arg(
+            long,
+            global = true,
+            value_name = "DIR",
+            default_value = "nvtarget-data"
+        )]
         data_dir: PathBuf,
     },
 }

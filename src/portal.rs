@@ -189,7 +189,14 @@ fn close_target_sessions(target: &str, except_conn: u64) {
     }
 }
 
+/// Commands that can take seconds: SANITIZE, EXTENDED COPY, WRITE SAME
+/// (its range may be the whole LUN), FORMAT UNIT.
+fn runs_long(cdb: &[u8]) -> bool {
+    matches!(cdb.first(), Some(0x48 | 0x83 | 0x41 | 0x93 | 0x04))
+}
+
 /// What a logged-in normal session executes against.
+#[derive(Clone)]
 struct Bound {
     target: Arc<ScsiTarget>,
     nexus: ItNexus,
@@ -266,6 +273,8 @@ async fn run_connection(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut bound: Option<Bound> = None;
     let mut out: VecDeque<Bytes> = VecDeque::new();
+    // Completions of commands run on the blocking pool (see `runs_long`).
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Completion)>();
 
     let reason = 'conn: loop {
         while let Some(ev) = conn.poll_event() {
@@ -311,6 +320,20 @@ async fn run_connection(
                 }
                 Event::Command(cmd) => {
                     let c = match &bound {
+                        // A command that may run for seconds goes to the
+                        // blocking pool, so the connection keeps answering
+                        // (TEST UNIT READY during SANITIZE must see it in
+                        // progress). The I/O path stays inline: no thread
+                        // hop per read or write.
+                        Some(b) if runs_long(&cmd.cdb) => {
+                            let b = b.clone();
+                            let tx = done_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let c = execute(&b, &cmd);
+                                let _ = tx.send((cmd.itt, c));
+                            });
+                            continue;
+                        }
                         Some(b) => execute(b, &cmd),
                         // Discovery sessions carry no SCSI commands.
                         None => Completion {
@@ -379,6 +402,10 @@ async fn run_connection(
             },
             _ = sleep_until(deadline) => conn.handle_timeout(Instant::now()),
             _ = stop.notified() => conn.close(CloseReason::Requested),
+            Some((itt, c)) = done_rx.recv() => {
+                // Gone if a task management function aborted it meanwhile.
+                let _ = conn.complete(itt, c);
+            }
         }
     };
     let _ = wr.shutdown().await;

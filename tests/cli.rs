@@ -78,7 +78,7 @@ fn snapshots_restore_and_check() {
     assert!(o.status.success(), "{}", both(&o));
     let o = nvt(&["snapshot", "--data-dir", d, "restore", "default", "before"]);
     assert!(o.status.success(), "{}", both(&o));
-    let o = nvt(&["aggr", "--data-dir", d, "check"]);
+    let o = nvt(&["aggr", "check", "--data-dir", d]);
     assert!(o.status.success(), "aggr check failed: {}", both(&o));
 
     let t = Target::start_on(port, &dir, &[]);

@@ -260,7 +260,21 @@ fn main() {
         w_iops / 1000.0,
         r_iops / 1000.0
     );
+    // Mount (walks every map node to rebuild reference counts) and check
+    // (reads and verifies every block) on the now fully written LUN.
+    drop(agg);
+    let t = Instant::now();
+    let agg = Aggregate::open(FileStorage::open(&path, o.direct).expect("open")).expect("mount");
+    let mount = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let check = agg.check();
+    println!(
+        "mount {:.2}s, check {:.2}s ({} data + {} map blocks)",
+        mount,
+        t.elapsed().as_secs_f64(),
+        check.data_blocks,
+        check.node_blocks
+    );
     println!(
         "check: {}",
         if check.is_clean() {

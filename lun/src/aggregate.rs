@@ -7,9 +7,9 @@
 //! committed CP are cached in memory: 4 KiB per 1 MiB of mapped data) and
 //! reads clean data in physical order, one pread per cluster of nearby blocks
 //! (gaps up to `READ_GAP` are read through), verifying each block against the
-//! checksum in its pointer.
+//! checksum in its pointer. Full blocks written with zeros become holes.
 //!
-//! Consistency point (`cp`). The dirty set is frozen and a fresh one swapped in,
+//! Consistency point (`cp`, built in `cp.rs`). The dirty set is frozen and a fresh one swapped in,
 //! so writes continue while the CP runs. The frozen blocks are given new,
 //! free blocks in (LUN, LBA) order, the map is rewritten copy-on-write from the
 //! touched leaves up to new roots, the catalog is rewritten; all of that goes
@@ -26,11 +26,15 @@
 //!   catalog rewrite comes out of `meta_reserve`, kept free at all times. So a
 //!   CP never runs out of space.
 //! * Lock order: `cp_lock` -> `committed` -> `dirty`; `alloc` only under
-//!   `cp_lock`.
+//!   `cp_lock`. Reads and writes hold `committed` shared, so blocks of the
+//!   committed CP they are using cannot be freed and reused under them.
+//! * `highest_seq` in a CP >= every seq given to `cp` or `note_applied_seq`
+//!   before the dirty set was frozen.
 //! * A failed CP poisons the aggregate (`Error::Failed`): in-memory refcounts
 //!   may have moved ahead of the disk. Re-open, then replay the NVRAM log.
 
 use crate::alloc::Alloc;
+use crate::cp::{build_catalog_chain, parallel_crcs, write_runs, CpCtx};
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::storage::{aligned_buf, Storage};
@@ -44,10 +48,16 @@ use std::time::{Duration, Instant};
 pub const SECTOR: u64 = 512;
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest single write issued by a CP (coalesced contiguous blocks).
-const MAX_IO_BLOCKS: usize = 512;
+pub(crate) const MAX_IO_BLOCKS: usize = 512;
 /// A read fetches unneeded blocks between needed ones up to this gap rather
 /// than issuing another pread.
 const READ_GAP: u64 = 8;
+/// One cluster read by a helper thread: (cluster index, (buffer, aligned offset)).
+type Fetched = (usize, Result<(Vec<u8>, usize)>);
+/// A read spanning at least this many separate clusters fetches them on
+/// several threads (up to MAX_READ_THREADS).
+const PARALLEL_READ_CLUSTERS: usize = 4;
+const MAX_READ_THREADS: usize = 8;
 /// Blocks writes leave free for unmaps (which may need to copy map nodes
 /// before anything is freed): a leaf-sized unmap chunk plus its ancestors.
 const UNMAP_RESERVE: i64 = 2 * MAX_DEPTH as i64;
@@ -172,7 +182,7 @@ impl Dirty {
     }
 }
 
-struct Committed {
+pub(crate) struct Committed {
     sb: Superblock,
     catalog: Catalog,
     catalog_blocks: Vec<u64>,
@@ -195,6 +205,8 @@ pub struct Aggregate {
     /// Highest log seq the caller says is fully applied through write/unmap
     /// (`note_applied_seq`); admin CPs record it.
     applied_seq: AtomicU64,
+    /// `poll_soft_threshold` already reported the current crossing.
+    threshold_latched: AtomicBool,
 }
 
 fn read_block(storage: &dyn Storage, b: u64) -> Result<Block> {
@@ -224,126 +236,6 @@ fn check_name(name: &str) -> Result<()> {
         return Err(Error::Invalid(format!("name must be 1..={MAX_NAME} bytes")));
     }
     Ok(())
-}
-
-/// Writes `payload` as a catalog chain into `blocks` (already allocated).
-/// Returns the head pointer and the blocks to write.
-fn build_catalog_chain(payload: &[u8], blocks: &[u64], gen: u64) -> (BlockPtr, Vec<(u64, Block)>) {
-    let mut next = BlockPtr::NULL;
-    let mut out = Vec::new();
-    let chunks: Vec<&[u8]> = if payload.is_empty() {
-        vec![&[][..]]
-    } else {
-        payload.chunks(CAT_PAYLOAD).collect()
-    };
-    for (chunk, &b) in chunks.iter().zip(blocks).rev() {
-        let enc = encode_catalog_block(next, chunk);
-        next = BlockPtr {
-            block: b,
-            crc: crc(&enc[..]),
-            birth: gen as u32,
-        };
-        out.push((b, enc));
-    }
-    (next, out)
-}
-
-/// Checksums of the data blocks (0 for holes), on several threads when there
-/// are many: at CP time this is the largest CPU cost.
-fn parallel_crcs<K: Sync>(entries: &[(K, Option<&Block>)]) -> Vec<u32> {
-    let one = |e: &(K, Option<&Block>)| e.1.map_or(0, |b| crc(&b[..]));
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    if threads <= 1 || entries.len() < 4096 {
-        return entries.iter().map(one).collect();
-    }
-    let chunk = entries.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = entries
-            .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<u32>>()))
-            .collect();
-        // A panicking checksum thread is a bug; recompute inline rather than unwrap.
-        parts
-            .into_iter()
-            .zip(entries.chunks(chunk))
-            .flat_map(|(h, c)| h.join().unwrap_or_else(|_| c.iter().map(one).collect()))
-            .collect()
-    })
-}
-
-/// Writes blocks sorted by number, coalescing contiguous ones into single
-/// writes of up to MAX_IO_BLOCKS, with up to `storage.write_parallelism()`
-/// writes in flight (the caller syncs afterwards, so their order is free).
-/// Returns the number of write calls.
-fn write_runs(storage: &dyn Storage, mut blocks: Vec<(u64, &[u8; BLOCK_SIZE])>) -> Result<u64> {
-    blocks.sort_unstable_by_key(|(b, _)| *b);
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < blocks.len() {
-        let mut j = i + 1;
-        while j < blocks.len()
-            && blocks[j].0 == blocks[i].0 + (j - i) as u64
-            && j - i < MAX_IO_BLOCKS
-        {
-            j += 1;
-        }
-        runs.push(i..j);
-        i = j;
-    }
-    // Gathers a run into an aligned buffer (no bounce copy under O_DIRECT).
-    let write_run = |r: &std::ops::Range<usize>, buf: &mut Vec<u8>| -> Result<()> {
-        let len = r.len() * BLOCK_SIZE;
-        if buf.len() < len + 4096 {
-            *buf = aligned_buf(MAX_IO_BLOCKS * BLOCK_SIZE).0;
-        }
-        let off = buf.as_ptr().align_offset(4096);
-        let dst = &mut buf[off..off + len];
-        for (k, (_, b)) in blocks[r.clone()].iter().enumerate() {
-            dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].copy_from_slice(&b[..]);
-        }
-        storage.write_at(dst, blocks[r.start].0 * BS)?;
-        Ok(())
-    };
-    let threads = storage.write_parallelism().clamp(1, 16).min(runs.len());
-    if threads <= 1 {
-        let mut buf = Vec::new();
-        for r in &runs {
-            write_run(r, &mut buf)?;
-        }
-    } else {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut buf = Vec::new();
-                        loop {
-                            let k = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(r) = runs.get(k) else { return Ok(()) };
-                            if let Err(e) = write_run(r, &mut buf) {
-                                // Stop the others early; the CP fails anyway.
-                                next.store(runs.len(), Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(Error::Corrupt("CP writer thread panicked".into())))
-                })
-                .collect()
-        });
-        for r in results {
-            r?;
-        }
-    }
-    Ok(runs.len() as u64)
 }
 
 impl Aggregate {
@@ -466,6 +358,7 @@ impl Aggregate {
             failed: AtomicBool::new(false),
             read_only,
             applied_seq: AtomicU64::new(0),
+            threshold_latched: AtomicBool::new(false),
         })
     }
 
@@ -620,7 +513,7 @@ impl Aggregate {
         }
     }
 
-    fn node(&self, c: &Committed, p: BlockPtr) -> Result<Arc<Node>> {
+    pub(crate) fn node(&self, c: &Committed, p: BlockPtr) -> Result<Arc<Node>> {
         match c.nodes.get(&p.block) {
             Some((crc, n)) if *crc == p.crc => Ok(n.clone()),
             Some(_) => Err(Error::Checksum {
@@ -713,18 +606,12 @@ impl Aggregate {
             clusters.push(i..j);
             i = j;
         }
-        let max_span = clusters
-            .iter()
-            .map(|r| (runs[r.end - 1].1.block - runs[r.start].1.block + 1) as usize * BLOCK_SIZE)
-            .max()
-            .unwrap_or(0);
-        let (mut tmp, off) = aligned_buf(max_span);
-        for r in clusters {
+        let span_of = |r: &std::ops::Range<usize>| {
+            (runs[r.end - 1].1.block - runs[r.start].1.block + 1) as usize * BLOCK_SIZE
+        };
+        let mut deliver = |r: &std::ops::Range<usize>, area: &[u8]| -> Result<()> {
             let first = runs[r.start].1.block;
-            let span = (runs[r.end - 1].1.block - first + 1) as usize * BLOCK_SIZE;
-            let area = &mut tmp[off..off + span];
-            self.storage.read_at(area, first * BS)?;
-            for (blk, p) in &runs[r] {
+            for (blk, p) in &runs[r.clone()] {
                 let at = (p.block - first) as usize * BLOCK_SIZE;
                 let data = &area[at..at + BLOCK_SIZE];
                 if crc(data) != p.crc {
@@ -735,6 +622,60 @@ impl Aggregate {
                 }
                 let (inb, inbuf) = piece(*blk);
                 buf[inbuf].copy_from_slice(&data[inb]);
+            }
+            Ok(())
+        };
+        let threads = self
+            .storage
+            .io_parallelism()
+            .min(clusters.len())
+            .min(MAX_READ_THREADS);
+        if clusters.len() < PARALLEL_READ_CLUSTERS || threads <= 1 {
+            let (mut tmp, off) = aligned_buf(clusters.iter().map(span_of).max().unwrap_or(0));
+            for r in &clusters {
+                let area = &mut tmp[off..off + span_of(r)];
+                self.storage.read_at(area, runs[r.start].1.block * BS)?;
+                deliver(r, area)?;
+            }
+        } else {
+            // A fragmented range: many clusters, fetched concurrently (the
+            // device has queue depth to spare), then verified and copied.
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let fetched: Vec<Vec<Fetched>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..threads)
+                    .map(|_| {
+                        sc.spawn(|| {
+                            let mut got = Vec::new();
+                            loop {
+                                let k = next.fetch_add(1, Ordering::Relaxed);
+                                let Some(r) = clusters.get(k) else { return got };
+                                let (mut v, off) = aligned_buf(span_of(r));
+                                let len = span_of(r);
+                                let res = self
+                                    .storage
+                                    .read_at(&mut v[off..off + len], runs[r.start].1.block * BS);
+                                got.push((k, res.map(|()| (v, off)).map_err(Error::from)));
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            vec![(
+                                usize::MAX,
+                                Err(Error::Corrupt("read thread panicked".into())),
+                            )]
+                        })
+                    })
+                    .collect()
+            });
+            for (k, res) in fetched.into_iter().flatten() {
+                let (v, off) = res?;
+                let r = clusters
+                    .get(k)
+                    .ok_or_else(|| Error::Corrupt("read thread panicked".into()))?;
+                deliver(r, &v[off..off + span_of(r)])?;
             }
         }
         Ok(())
@@ -1076,6 +1017,19 @@ impl Aggregate {
         let c = self.committed.read();
         let d = self.dirty.lock();
         Self::threshold(&c.sb, &d).1
+    }
+
+    /// Edge-triggered `soft_threshold_reached`: true once each time use
+    /// crosses the threshold upwards (the SCSI layer raises its THIN
+    /// PROVISIONING SOFT THRESHOLD REACHED unit attention then); re-arms when
+    /// use drops below it again.
+    pub fn poll_soft_threshold(&self) -> bool {
+        if self.soft_threshold_reached() {
+            !self.threshold_latched.swap(true, Ordering::AcqRel)
+        } else {
+            self.threshold_latched.store(false, Ordering::Release);
+            false
+        }
     }
 
     /// (blocks writes may still reserve, soft threshold reached)
@@ -1633,16 +1587,21 @@ impl Aggregate {
             .map(|s| &s.tree)
             .ok_or_else(|| Error::NoSuchSnapshot(snap.to_string()))?;
         Self::check_range(tree, offset, buf.len() as u64)?;
-        for (k, chunk) in buf.chunks_mut(SECTOR as usize).enumerate() {
-            let o = offset + k as u64 * SECTOR;
+        let end = offset + buf.len() as u64;
+        let mut o = offset;
+        while o < end {
+            // The part of this 4 KiB block inside the request.
+            let n = ((o / BS + 1) * BS).min(end) - o;
+            let chunk = &mut buf[(o - offset) as usize..(o - offset + n) as usize];
             let p = self.lookup(&c, tree, o / BS)?;
             if p.is_null() {
                 chunk.fill(0);
             } else {
                 let b = read_verified(&*self.storage, p, "data")?;
                 let s = (o % BS) as usize;
-                chunk.copy_from_slice(&b[s..s + chunk.len()]);
+                chunk.copy_from_slice(&b[s..s + n as usize]);
             }
+            o += n;
         }
         Ok(())
     }
@@ -1679,136 +1638,5 @@ fn lun_info(l: &LunEntry) -> LunInfo {
         size_bytes: l.tree.size_bytes,
         logical_block_size: l.tree.logical_block_size,
         mapped_blocks: l.tree.mapped_blocks,
-    }
-}
-
-/// State of one CP under construction.
-pub(crate) struct CpCtx<'a> {
-    agg: &'a Aggregate,
-    c: &'a Committed,
-    alloc: &'a mut Alloc,
-    gen: u64,
-    catalog: Catalog,
-    /// Map nodes written by this CP.
-    owned: Vec<(u64, Block)>,
-    new_nodes: HashMap<u64, (u32, Arc<Node>)>,
-    freed_nodes: Vec<u64>,
-    allocated: u64,
-}
-
-impl CpCtx<'_> {
-    fn alloc_block(&mut self) -> Result<u64> {
-        let b = self.alloc.alloc()?;
-        self.allocated += 1;
-        Ok(b)
-    }
-
-    fn load(&self, p: BlockPtr) -> Result<Arc<Node>> {
-        match self.new_nodes.get(&p.block) {
-            Some((crc, n)) if *crc == p.crc => Ok(n.clone()),
-            _ => self.agg.node(self.c, p),
-        }
-    }
-
-    /// Writes a node to a fresh block (one reference, owned by the caller).
-    fn write_node(&mut self, n: Node) -> Result<BlockPtr> {
-        let b = self.alloc_block()?;
-        let enc = n.encode();
-        let crc = crc(&enc[..]);
-        self.new_nodes.insert(b, (crc, Arc::new(n)));
-        self.owned.push((b, enc));
-        Ok(BlockPtr {
-            block: b,
-            crc,
-            birth: self.gen as u32,
-        })
-    }
-
-    /// Copy-on-write of the subtree at `old` (a level-`level` node, level 0 =
-    /// data) applying `entries` (sorted, unique block numbers, all inside this
-    /// subtree; each with its new data pointer or NULL). Returns the new
-    /// subtree pointer, holding one reference for the caller. The reference
-    /// the caller held on `old` is dropped.
-    fn rewrite(
-        &mut self,
-        old: BlockPtr,
-        level: u32,
-        entries: &[(u64, BlockPtr)],
-        delta: &mut i64,
-    ) -> Result<BlockPtr> {
-        if level == 0 {
-            let [(_, new)] = entries else {
-                return Err(Error::Corrupt("duplicate block in CP".into()));
-            };
-            *delta += (!new.is_null()) as i64 - (!old.is_null()) as i64;
-            // `old` is a data block still referenced by the old leaf; that
-            // leaf's release (below, in the caller) drops it if unshared.
-            return Ok(*new);
-        }
-        let mut node = if old.is_null() {
-            Node::empty()
-        } else {
-            (*self.load(old)?).clone()
-        };
-        let shift = FANOUT_SHIFT * (level - 1);
-        let slot_of = |blk: u64| ((blk >> shift) as usize) & (FANOUT - 1);
-        let mut modified = [false; FANOUT];
-        let mut i = 0;
-        while i < entries.len() {
-            let s = slot_of(entries[i].0);
-            let mut j = i + 1;
-            while j < entries.len() && slot_of(entries[j].0) == s {
-                j += 1;
-            }
-            // The old child keeps the old node's reference; the new child
-            // comes with its own.
-            node.0[s] = self.rewrite_child(node.0[s], level - 1, &entries[i..j], delta)?;
-            modified[s] = true;
-            i = j;
-        }
-        // Unmodified children gain the new node as a parent.
-        for (s, p) in node.0.iter().enumerate() {
-            if !modified[s] && !p.is_null() {
-                self.alloc.incref(p.block)?;
-            }
-        }
-        let new = if node.is_empty() {
-            BlockPtr::NULL
-        } else {
-            self.write_node(node)?
-        };
-        self.decref_tree(old, level)?;
-        Ok(new)
-    }
-
-    /// `rewrite` for a child whose old pointer is owned by the old parent (so
-    /// no reference is dropped here).
-    fn rewrite_child(
-        &mut self,
-        old: BlockPtr,
-        level: u32,
-        entries: &[(u64, BlockPtr)],
-        delta: &mut i64,
-    ) -> Result<BlockPtr> {
-        if !old.is_null() && level > 0 {
-            // rewrite() drops one reference on `old`; give it one to drop.
-            self.alloc.incref(old.block)?;
-        }
-        self.rewrite(old, level, entries, delta)
-    }
-
-    /// Drops one reference to the subtree at `p`; frees what becomes unreferenced.
-    fn decref_tree(&mut self, p: BlockPtr, level: u32) -> Result<()> {
-        if p.is_null() {
-            return Ok(());
-        }
-        if self.alloc.decref(p.block)? && level >= 1 {
-            let n = self.load(p)?;
-            self.freed_nodes.push(p.block);
-            for c in n.0.iter() {
-                self.decref_tree(*c, level - 1)?;
-            }
-        }
-        Ok(())
     }
 }

@@ -18,8 +18,14 @@ use crate::layout::*;
 use crate::storage::Storage;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const MAX_ERRORS: usize = 100;
+/// `check` reads through up to this many unreferenced blocks between
+/// referenced ones rather than issuing another read.
+const CHECK_GAP: u64 = 16;
+/// Largest single read of `check` (blocks).
+const CHECK_WINDOW: u64 = 256;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -200,35 +206,76 @@ impl Walker<'_> {
         mapped
     }
 
+    /// Reads every referenced data block once and verifies its checksum.
+    /// Blocks are read in physical order, in windows of up to 1 MiB that read
+    /// through gaps of up to `CHECK_GAP` unreferenced blocks, on several
+    /// threads when the device allows it.
     fn verify_data(&mut self) {
         let mut blocks: Vec<(u64, u32)> = self.data.iter().map(|(b, c)| (*b, *c)).collect();
         blocks.sort_unstable();
+        let mut windows = Vec::new();
         let mut i = 0;
-        let mut buf = Vec::new();
         while i < blocks.len() {
             let mut j = i + 1;
-            while j < blocks.len() && j - i < 256 && blocks[j].0 == blocks[j - 1].0 + 1 {
+            while j < blocks.len()
+                && blocks[j].0 - blocks[j - 1].0 <= CHECK_GAP
+                && blocks[j].0 - blocks[i].0 < CHECK_WINDOW
+            {
                 j += 1;
             }
-            buf.resize((j - i) * BLOCK_SIZE, 0);
-            if let Err(e) = self
-                .storage
-                .read_at(&mut buf, blocks[i].0 * BLOCK_SIZE as u64)
-            {
-                self.report.error(format!(
-                    "data blocks {}..{}: {e}",
-                    blocks[i].0,
-                    blocks[j - 1].0 + 1
-                ));
-            } else {
-                for (k, (b, c)) in blocks[i..j].iter().enumerate() {
-                    if crc(&buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != *c {
-                        self.report
-                            .error(format!("data block {b} checksum mismatch"));
-                    }
-                }
-            }
+            windows.push(i..j);
             i = j;
+        }
+        let storage = self.storage;
+        let verify = |r: &std::ops::Range<usize>, buf: &mut Vec<u8>| -> Vec<String> {
+            let first = blocks[r.start].0;
+            let span = (blocks[r.end - 1].0 - first + 1) as usize * BLOCK_SIZE;
+            buf.resize(span, 0);
+            if let Err(e) = storage.read_at(buf, first * BLOCK_SIZE as u64) {
+                return vec![format!(
+                    "data blocks {first}..{}: {e}",
+                    blocks[r.end - 1].0 + 1
+                )];
+            }
+            blocks[r.clone()]
+                .iter()
+                .filter(|(b, c)| {
+                    let at = (b - first) as usize * BLOCK_SIZE;
+                    crc(&buf[at..at + BLOCK_SIZE]) != *c
+                })
+                .map(|(b, _)| format!("data block {b} checksum mismatch"))
+                .collect()
+        };
+        let threads = storage
+            .io_parallelism()
+            .clamp(1, 8)
+            .min(windows.len().max(1));
+        let next = AtomicUsize::new(0);
+        let errors: Vec<Vec<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut buf = Vec::new();
+                        let mut errs = Vec::new();
+                        while let Some(r) = windows.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            errs.extend(verify(r, &mut buf));
+                        }
+                        errs
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec!["data verification thread panicked".into()])
+                })
+                .collect()
+        });
+        let mut errors: Vec<String> = errors.into_iter().flatten().collect();
+        // Threads finish windows in any order; report in block order.
+        errors.sort();
+        for e in errors {
+            self.report.error(e);
         }
     }
 }

@@ -243,6 +243,64 @@ mod tests {
         Aggr(AggrArgs),
     }
 
+    /// The wiring suggested for src/main.rs: `--data-dir` (global, so it may
+    /// follow the inner subcommand: `nvtarget aggr check --data-dir DIR`).
+    #[derive(Parser)]
+    struct MainLike {
+        #[command(subcommand)]
+        cmd: MainCmd,
+    }
+    #[derive(Subcommand)]
+    enum MainCmd {
+        Snapshot {
+            #[arg(long, global = true, default_value = "nvtarget-data")]
+            data_dir: PathBuf,
+            #[command(flatten)]
+            args: SnapshotArgs,
+        },
+        Aggr {
+            #[arg(long, global = true, default_value = "nvtarget-data")]
+            data_dir: PathBuf,
+            #[command(flatten)]
+            args: AggrArgs,
+        },
+    }
+
+    #[test]
+    fn main_style_wiring_parses() {
+        let p = MainLike::try_parse_from([
+            "nvtarget",
+            "snapshot",
+            "--data-dir",
+            "/d",
+            "clone",
+            "default",
+            "s1",
+            "c1",
+        ])
+        .unwrap();
+        match p.cmd {
+            MainCmd::Snapshot { data_dir, args } => {
+                assert_eq!(data_dir, PathBuf::from("/d"));
+                assert!(
+                    matches!(args.cmd, SnapshotCmd::Clone { ref new_lun, .. } if new_lun == "c1")
+                );
+            }
+            MainCmd::Aggr { .. } => panic!(),
+        }
+        let p =
+            MainLike::try_parse_from(["nvtarget", "aggr", "check", "--data-dir", "/d"]).unwrap();
+        assert!(matches!(
+            p.cmd,
+            MainCmd::Aggr {
+                args: AggrArgs {
+                    cmd: AggrCmd::Check
+                },
+                ..
+            }
+        ));
+    }
+
     fn snap(agg: &Aggregate, argv: &[&str]) -> anyhow::Result<String> {
         let cli = Cli::try_parse_from(std::iter::once("nvtarget").chain(argv.iter().copied()))?;
         let mut out = Vec::new();

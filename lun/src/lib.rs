@@ -11,8 +11,9 @@
 //! (512-byte aligned) and returns [`Error`]s the SCSI layer maps to sense data.
 //!
 //! Modules: [`layout`] (on-disk format), [`storage`] (backends incl. fault
-//! injection), `alloc` (reference counts), [`aggregate`] (the store),
-//! [`check`] (verification), [`cli`] (`nvtarget snapshot|aggr` subcommands).
+//! injection), `alloc` (reference counts, placement), [`aggregate`] (the
+//! store), `cp` (building a consistency point), [`check`] (verification),
+//! [`cli`] (`nvtarget snapshot|aggr` subcommands).
 //!
 //! API in one screen (all `&self`; `Aggregate` is `Send + Sync`):
 //!
@@ -22,10 +23,10 @@
 //! delete_lun(id)  resize_lun(id, bigger)  luns()  lun(id)  lun_by_name(name)
 //! read(id, off, &mut buf)  write(id, off, &data)  unmap(id, off, len)   // 512-aligned bytes
 //! lba_status(id, off) -> LbaStatus { mapped, len_bytes }
-//! cp(highest_seq) -> CpStats            generation()  highest_seq()  dirty_bytes()
+//! cp(highest_seq) -> CpStats   note_applied_seq(seq)   generation()  highest_seq()  dirty_bytes()
 //! snapshot_create(id, name)  snapshot_list(Some(id) | None)  snapshot_delete(id, name)
 //! snapshot_restore(id, name)  clone_lun(id, snap, new_name)  read_snapshot(snap_id, off, buf)
-//! space() -> SpaceReport   soft_threshold_reached()   check() -> CheckReport
+//! space() -> SpaceReport   soft_threshold_reached()   poll_soft_threshold()   check() -> CheckReport
 //! ```
 //!
 //! Durability: `write`/`unmap` are durable after the next `cp`; admin calls
@@ -40,6 +41,7 @@ pub mod aggregate;
 mod alloc;
 pub mod check;
 pub mod cli;
+mod cp;
 pub mod error;
 pub mod layout;
 pub mod storage;

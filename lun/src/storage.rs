@@ -28,10 +28,11 @@ pub trait Storage: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Durability barrier: all previous writes are on stable storage when it returns.
     fn sync(&self) -> io::Result<()>;
-    /// How many `write_at` calls a CP may have in flight at once (between two
-    /// syncs their order is irrelevant to crash safety). 1 keeps the order of
-    /// writes deterministic, which fault-injection tests rely on.
-    fn write_parallelism(&self) -> usize {
+    /// How many reads or writes the store may have in flight at once (a CP's
+    /// writes between two syncs may go in any order; a fragmented read's
+    /// clusters too). 1 keeps the order of writes deterministic, which
+    /// fault-injection tests rely on.
+    fn io_parallelism(&self) -> usize {
         1
     }
 }
@@ -117,7 +118,7 @@ impl Storage for FileStorage {
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-    fn write_parallelism(&self) -> usize {
+    fn io_parallelism(&self) -> usize {
         // Enough queue depth for SSDs/virtio when free space is fragmented
         // and a CP is many small writes.
         16

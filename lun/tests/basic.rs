@@ -223,6 +223,8 @@ fn full_aggregate_no_space_and_cp_completes() {
         }
         assert!(refused > 0);
         assert!(agg.space().soft_threshold_reached);
+        assert!(agg.poll_soft_threshold(), "reported once");
+        assert!(!agg.poll_soft_threshold(), "not twice");
         agg.cp(1).unwrap();
         assert_clean(&agg);
         drop(agg);
@@ -245,6 +247,7 @@ fn full_aggregate_no_space_and_cp_completes() {
         agg.cp(2).unwrap();
         agg.write(l, 0, &[1u8; 4096]).unwrap();
         assert!(!agg.space().soft_threshold_reached);
+        assert!(!agg.poll_soft_threshold());
         assert_clean(&agg);
     }
 }
@@ -556,4 +559,62 @@ fn zero_writes_become_holes() {
         }
     );
     assert_clean(&agg);
+}
+
+/// A fragmented LUN on a real file: reads fetch clusters on several threads
+/// (FileStorage allows parallel I/O); contents and checksum errors still exact.
+#[test]
+fn fragmented_reads_on_file_storage() {
+    use nvtarget_lun::{AggrOptions, FileStorage};
+    use std::os::unix::fs::FileExt;
+    let path = std::env::temp_dir().join(format!("nvtarget-lun-frag-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let agg = Aggregate::create(
+        FileStorage::open(&path, false).unwrap(),
+        AggrOptions {
+            size_bytes: 64 << 20,
+            soft_threshold_pct: 90,
+        },
+    )
+    .unwrap();
+    let size = 8u64 << 20;
+    let l = agg.create_lun("a", size).unwrap();
+    let mut model = pattern(1, size as usize);
+    agg.write(l, 0, &model).unwrap();
+    agg.cp(1).unwrap();
+    for round in 0..3u64 {
+        for i in 0..600u64 {
+            let blk = (i * 7919 + round * 31) % (size / 4096);
+            let data = pattern(round * 1000 + i + 2, 4096);
+            agg.write(l, blk * 4096, &data).unwrap();
+            model[(blk * 4096) as usize..((blk + 1) * 4096) as usize].copy_from_slice(&data);
+        }
+        agg.cp(2 + round).unwrap();
+    }
+    let mut b = vec![0u8; 1 << 20];
+    for off in (0..size).step_by(1 << 20) {
+        agg.read(l, off, &mut b).unwrap();
+        assert_eq!(
+            &b[..],
+            &model[off as usize..off as usize + (1 << 20)],
+            "at {off}"
+        );
+    }
+    // Corrupt one relocated block on disk: the parallel path reports it.
+    let img = std::fs::read(&path).unwrap();
+    let blk = (2 * 7919 + 2 * 31) % (size / 4096); // written in the last round
+    let data = &model[(blk * 4096) as usize..((blk + 1) * 4096) as usize];
+    let phys = img.chunks(4096).position(|c| c == data).unwrap() as u64;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0x5a], phys * 4096 + 9).unwrap();
+    let off = blk * 4096 / (1 << 20) * (1 << 20);
+    match agg.read(l, off, &mut b) {
+        Err(Error::Checksum {
+            what: "data",
+            block,
+        }) => assert_eq!(block, phys),
+        other => panic!("expected checksum error, got {other:?}"),
+    }
+    drop(agg);
+    std::fs::remove_file(&path).unwrap();
 }

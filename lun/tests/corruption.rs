@@ -49,8 +49,16 @@ fn base() -> &'static (Vec<u8>, Model) {
     })
 }
 
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // PROPTEST_CASES=N overrides the default for longer runs by hand.
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
     #[test]
     fn flipped_bytes_give_errors_not_wrong_data(flips in proptest::collection::vec((0usize..256 * 4096, 1u8..=255), 1..6)) {
         let (img, model) = base();

@@ -90,8 +90,16 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    // PROPTEST_CASES=N overrides the default for longer runs by hand.
+    #![proptest_config(ProptestConfig::with_cases(cases(128)))]
     #[test]
     fn store_matches_model(steps in proptest::collection::vec(step(), 1..80)) {
         run(steps)?;

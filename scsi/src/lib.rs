@@ -4,6 +4,25 @@
 //! a status, sense data and Data-In bytes. It knows nothing of iSCSI, sockets
 //! or files: the transport hands it a fully gathered [`ScsiCommand`] and
 //! sends back whatever [`ScsiResponse`] says.
+//!
+//! Entry point: one [`ScsiTarget`] per iSCSI target, shared by all of its
+//! sessions (`Send + Sync`). The transport calls
+//! [`ScsiTarget::execute`] for each command (from as many threads as it
+//! likes), [`ScsiTarget::task_mgmt`] for task management functions and
+//! [`ScsiTarget::nexus_loss`] when a session ends. Operators change the
+//! target through `add_lun`, `remove_lun`, `resize_lun` and
+//! `set_alua_state`; each raises the unit attention SPC-4 asks for.
+//!
+//! Module map: `cdb` (length check, typed views), `sense` (sense keys,
+//! ASC/ASCQ, fixed/descriptor encoding), `opcodes` (supported-command table:
+//! CDB usage masks, reservation classes), `lu` (per-LU state and the
+//! command pipeline), `inquiry`, `mode`, `sbc` (block commands), `pr`
+//! (persistent reservations), `xcopy`, `alua`, `target`, and `mem_device`
+//! (a RAM [`BlockDevice`]).
+//!
+//! Behaviour is pinned by libiscsi's `iscsi-test-cu` SCSI family; where a
+//! libiscsi expectation decided between two readings of the standard, the
+//! code says so next to the choice.
 #![forbid(unsafe_code)]
 
 mod alua;

@@ -2,7 +2,8 @@
 //! pipeline every CDB goes through.
 //!
 //! Pipeline order (SAM-5 5.14 / SPC-4 5.13): register the I_T nexus (a new
-//! one gets POWER ON, RESET OR BUS DEVICE RESET OCCURRED) -> report a
+//! one gets POWER ON, RESET OR BUS DEVICE RESET OCCURRED only when
+//! `TargetConfig::new_nexus_ua` asks for it) -> report a
 //! pending unit attention (except INQUIRY, REPORT LUNS, REQUEST SENSE) ->
 //! sanitize in progress -> ALUA access state -> CDB validation (reserved
 //! bits via the usage table) -> reservation conflicts -> medium present ->
@@ -27,6 +28,9 @@ use crate::sense::{Asc, Failure, Sense};
 use crate::target::TargetShared;
 use crate::xcopy::CopyStatus;
 use crate::{status, ItNexus, ScsiCommand, ScsiResponse};
+
+/// How many ended I_T nexuses an LU remembers (per LU).
+pub(crate) const MAX_LOST_NEXUSES: usize = 1024;
 
 /// Where APTPL persistent reservation state is kept across restarts.
 pub trait PrStore: Send + Sync {
@@ -116,6 +120,11 @@ pub(crate) struct LuState {
     pub ua: HashMap<NexusKey, VecDeque<Asc>>,
     /// Nexuses that have sent at least one command.
     pub seen: HashSet<NexusKey>,
+    /// Nexuses whose session ended, oldest first: kept (bounded by
+    /// [`MAX_LOST_NEXUSES`]) so a returning initiator port still learns what
+    /// happened while it was away; initiators that pick a fresh ISID for
+    /// every session never return, and would otherwise grow `seen` forever.
+    pub lost: VecDeque<NexusKey>,
     /// RESERVE(6)/(10) holder.
     pub reserve6: Option<NexusKey>,
     pub pr: PrState,
@@ -199,6 +208,8 @@ pub(crate) struct LogicalUnit {
     /// Writers share it; COMPARE AND WRITE holds it exclusively.
     pub io: RwLock<()>,
     pub sanitizing: AtomicBool,
+    /// SANITIZE progress, 0..=65535 (PROGRESS INDICATION).
+    pub sanitize_progress: std::sync::atomic::AtomicU32,
 }
 
 impl LogicalUnit {
@@ -215,6 +226,7 @@ impl LogicalUnit {
                 mode: ModeState::default(),
                 ua: HashMap::new(),
                 seen: HashSet::new(),
+                lost: VecDeque::new(),
                 reserve6: None,
                 pr,
                 prevent: HashSet::new(),
@@ -224,6 +236,7 @@ impl LogicalUnit {
             }),
             io: RwLock::new(()),
             sanitizing: AtomicBool::new(false),
+            sanitize_progress: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -259,7 +272,7 @@ impl LogicalUnit {
 
     /// Register the nexus and, unless the command is exempt, report the
     /// oldest pending unit attention.
-    fn unit_attention(&self, key: &NexusKey, opcode: u8) -> Result<(), Sense> {
+    fn unit_attention(&self, tgt: &TargetShared, key: &NexusKey, opcode: u8) -> Result<(), Sense> {
         let exempt = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
         {
             let st = self.state.read();
@@ -269,8 +282,12 @@ impl LogicalUnit {
             }
         }
         let mut st = self.state.write();
-        if st.seen.insert(key.clone()) {
+        if st.seen.insert(key.clone()) && tgt.new_nexus_ua {
             st.add_ua(key, Asc::POWER_ON_RESET);
+        }
+        if !st.lost.is_empty() {
+            // Back again: no longer a candidate for eviction.
+            st.lost.retain(|k| k != key);
         }
         if exempt {
             return Ok(());
@@ -288,7 +305,7 @@ impl LogicalUnit {
         key: NexusKey,
     ) -> CmdResult {
         let opcode = cmd.cdb.first().copied().unwrap_or(0xff);
-        self.unit_attention(&key, opcode)?;
+        self.unit_attention(tgt, &key, opcode)?;
         let cdb = Cdb::new(cmd.cdb)?;
         let desc = match opcodes::lookup(opcode, cdb.service_action()) {
             Some(d) => d,
@@ -306,7 +323,7 @@ impl LogicalUnit {
         if self.sanitizing.load(Ordering::Acquire)
             && !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
         {
-            return Err(Sense::not_ready(Asc::SANITIZE_IN_PROGRESS).into());
+            return Err(self.sanitize_sense().into());
         }
         tgt.alua_check(cmd.nexus.relative_port, desc)?;
         cdb.check_control()?;
@@ -351,6 +368,7 @@ impl LogicalUnit {
             op::PRE_FETCH_10 | op::PRE_FETCH_16 => self.prefetch(cx),
             op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => self.sync_cache(cx),
             op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => self.read_defect_data(cx),
+            op::LOG_SENSE => self.log_sense(cx),
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cx),
             op::UNMAP => self.unmap(cx),
             op::SANITIZE => self.sanitize(cx),
@@ -392,6 +410,12 @@ impl LogicalUnit {
         Ok(())
     }
 
+    /// NOT READY, SANITIZE IN PROGRESS with how far it got.
+    pub(crate) fn sanitize_sense(&self) -> Sense {
+        let done = self.sanitize_progress.load(Ordering::Relaxed).min(0xffff) as u16;
+        Sense::not_ready(Asc::SANITIZE_IN_PROGRESS).with_progress(done)
+    }
+
     /// Fails with DATA PROTECT if the LU may not be written.
     pub fn check_writable(&self) -> Result<(), Sense> {
         if self.cfg.read_only {
@@ -411,9 +435,7 @@ impl LogicalUnit {
         // data; otherwise NO SENSE (SPC-4 6.39).
         let sense = match st.ua.get_mut(&cx.key).and_then(|q| q.pop_front()) {
             Some(asc) => Sense::unit_attention(asc),
-            None if self.sanitizing.load(Ordering::Acquire) => {
-                Sense::not_ready(Asc::SANITIZE_IN_PROGRESS)
-            }
+            None if self.sanitizing.load(Ordering::Acquire) => self.sanitize_sense(),
             None => Sense::new(crate::sense::SenseKey::NO_SENSE, Asc::NO_ADDITIONAL_SENSE),
         };
         drop(st);
@@ -486,6 +508,20 @@ impl LogicalUnit {
         Ok(Reply::good())
     }
 
+    /// LOG SENSE: only the supported pages page (and its subpage list),
+    /// so probing tools learn that no counters are kept.
+    fn log_sense(&self, cx: &Cx<'_>) -> CmdResult {
+        let page = cx.cdb.u8(2) & 0x3f;
+        let sub = cx.cdb.u8(3);
+        let alloc = cx.cdb.be16(7) as usize;
+        let data = match (page, sub) {
+            (0x00, 0x00) => vec![0x00, 0x00, 0x00, 0x01, 0x00],
+            (0x00, 0xff) => vec![0x40, 0xff, 0x00, 0x04, 0x00, 0x00, 0x00, 0xff],
+            _ => return Err(Sense::invalid_cdb(2).into()),
+        };
+        Ok(Reply::data(trunc(data, alloc)))
+    }
+
     fn read_defect_data(&self, cx: &Cx<'_>) -> CmdResult {
         // No defects: a header with the requested format and an empty list.
         let alloc;
@@ -501,8 +537,9 @@ impl LogicalUnit {
 
     // ---- events from the target ----
 
-    /// LOGICAL UNIT RESET side effects (SAM-5 6.3.3): RESERVE(6) and
-    /// PREVENT are released and every other nexus gets a unit attention.
+    /// Reset side effects (SAM-5 6.3.3): RESERVE(6) and PREVENT are
+    /// released and every known nexus except `issuer` (if given) gets the
+    /// unit attention `asc`. Persistent reservations and mode pages stay.
     pub fn reset(&self, issuer: Option<&NexusKey>, asc: Asc) {
         let mut st = self.state.write();
         st.reserve6 = None;
@@ -519,9 +556,20 @@ impl LogicalUnit {
         st.copies.retain(|(k, _), _| k != key);
         if st.seen.contains(key) {
             // The next session of this initiator port learns of the loss.
+            // A pending reset/power-on UA (29h) says more than the loss
+            // itself and is kept instead; everything else is superseded.
             let q = st.ua.entry(key.clone()).or_default();
+            let reset = q.iter().copied().find(|a| a.asc() == 0x29);
             q.clear();
-            q.push_back(Asc::I_T_NEXUS_LOSS);
+            q.push_back(reset.unwrap_or(Asc::I_T_NEXUS_LOSS));
+            st.lost.retain(|k| k != key);
+            st.lost.push_back(key.clone());
+            while st.lost.len() > MAX_LOST_NEXUSES {
+                if let Some(old) = st.lost.pop_front() {
+                    st.seen.remove(&old);
+                    st.ua.remove(&old);
+                }
+            }
         }
     }
 }

@@ -262,6 +262,14 @@ pub(crate) static OPS: &[OpDesc] = &[
         [0x48, 0xbf, 0, 0, 0, 0, 0, F, F, C]
     ),
     d!(
+        op::LOG_SENSE,
+        None,
+        "LOG SENSE",
+        Exempt,
+        false,
+        [0x4d, 0, 0xff, 0xff, 0, 0, 0, F, F, C]
+    ),
+    d!(
         op::MODE_SELECT_10,
         None,
         "MODE SELECT(10)",

@@ -13,6 +13,10 @@ use crate::lu::{trunc, CmdResult, Cx, LogicalUnit, LuState, NexusKey, Reply};
 use crate::opcodes::Access;
 use crate::sense::{Asc, Failure, Sense};
 
+/// Registrations an LU keeps; more get INSUFFICIENT REGISTRATION
+/// RESOURCES, so initiators cannot grow our memory without bound.
+pub(crate) const MAX_REGISTRATIONS: usize = 4096;
+
 pub(crate) const WE: u8 = 1;
 pub(crate) const EA: u8 = 3;
 pub(crate) const WE_RO: u8 = 5;
@@ -329,6 +333,12 @@ impl LogicalUnit {
                         if sa_key == 0 {
                             return Ok(Reply::good());
                         }
+                        if st.pr.regs.len() >= MAX_REGISTRATIONS {
+                            return Err(Sense::illegal_request(
+                                Asc::INSUFFICIENT_REGISTRATION_RESOURCES,
+                            )
+                            .into());
+                        }
                         st.pr.regs.push(Registration {
                             nexus: me.clone(),
                             port_name: cx.cmd.nexus.initiator_port.clone(),
@@ -554,6 +564,9 @@ impl LogicalUnit {
         }
         match st.pr.reg_index(&dest) {
             Some(j) => st.pr.regs[j].key = sa_key,
+            None if st.pr.regs.len() >= MAX_REGISTRATIONS => {
+                return Err(Sense::illegal_request(Asc::INSUFFICIENT_REGISTRATION_RESOURCES).into())
+            }
             None => st.pr.regs.push(Registration {
                 nexus: dest.clone(),
                 port_name: dest.port.clone(),

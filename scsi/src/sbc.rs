@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::cdb::{be_at, op, RwCdb};
 use crate::device::LbaStatus;
 use crate::lu::{dev_sense, trunc, CmdResult, Cx, LogicalUnit, Reply};
-use crate::sense::{Asc, Failure, Sense};
+use crate::sense::{Failure, Sense};
 
 /// Block limits we advertise (VPD B0) and enforce.
 pub(crate) mod limits {
@@ -66,9 +66,17 @@ impl LogicalUnit {
         }
     }
 
-    fn check_transfer(&self, blocks: u64) -> Result<(), Sense> {
+    /// INVALID FIELD IN CDB (pointing at the TRANSFER LENGTH field) when a
+    /// transfer exceeds the MAXIMUM TRANSFER LENGTH we advertise.
+    fn check_transfer(&self, cdb_len: usize, blocks: u64) -> Result<(), Sense> {
         if blocks > self.max_transfer_blocks() {
-            return Err(Sense::invalid_cdb(0));
+            let field = match cdb_len {
+                6 => 4,
+                10 => 7,
+                12 => 6,
+                _ => 10,
+            };
+            return Err(Sense::invalid_cdb(field));
         }
         Ok(())
     }
@@ -85,7 +93,7 @@ impl LogicalUnit {
         let rw = RwCdb::parse(&cx.cdb);
         let blocks = u64::from(rw.blocks);
         self.check_range(rw.lba, blocks)?;
-        self.check_transfer(blocks)?;
+        self.check_transfer(cx.cdb.len(), blocks)?;
         Ok(Reply::data(self.read_blocks(rw.lba, blocks)?))
     }
 
@@ -100,13 +108,13 @@ impl LogicalUnit {
             RwCdb::parse(&cx.cdb)
         };
         let blocks = u64::from(rw.blocks);
-        self.check_writable()?;
-        self.check_range(rw.lba, blocks)?;
-        self.check_transfer(blocks)?;
         let atomic = cx.cdb.opcode() == op::WRITE_ATOMIC_16;
+        self.check_writable()?;
         if atomic && blocks > self.max_atomic_blocks() {
             return Err(Sense::invalid_cdb(12).into());
         }
+        self.check_range(rw.lba, blocks)?;
+        self.check_transfer(cx.cdb.len(), blocks)?;
         if blocks == 0 {
             return Ok(Reply::good());
         }
@@ -141,7 +149,7 @@ impl LogicalUnit {
             return Err(Sense::invalid_cdb(1).into());
         }
         self.check_range(rw.lba, blocks)?;
-        self.check_transfer(blocks)?;
+        self.check_transfer(cx.cdb.len(), blocks)?;
         if blocks == 0 {
             return Ok(Reply::good());
         }
@@ -287,6 +295,9 @@ impl LogicalUnit {
                 .write(lba + done, &buf[..n as usize * bs], false)
                 .map_err(dev_sense)?;
             done += n;
+            if self.sanitizing.load(Ordering::Relaxed) {
+                self.set_progress(done, blocks);
+            }
             if let Some(rate) = rate {
                 let due =
                     std::time::Duration::from_secs_f64((done * bs as u64) as f64 / rate as f64);
@@ -376,7 +387,7 @@ impl LogicalUnit {
         let blocks = u64::from(rw.blocks);
         self.check_writable()?;
         self.check_range(rw.lba, blocks)?;
-        self.check_transfer(blocks)?;
+        self.check_transfer(cx.cdb.len(), blocks)?;
         if blocks == 0 {
             return Ok(Reply::good());
         }
@@ -478,8 +489,9 @@ impl LogicalUnit {
         };
         self.check_writable()?;
         if self.sanitizing.swap(true, Ordering::AcqRel) {
-            return Err(Sense::not_ready(Asc::SANITIZE_IN_PROGRESS).into());
+            return Err(self.sanitize_sense().into());
         }
+        self.sanitize_progress.store(0, Ordering::Relaxed);
         if immed {
             let lu = Arc::clone(self);
             std::thread::spawn(move || lu.run_sanitize(job));
@@ -505,6 +517,7 @@ impl LogicalUnit {
                         let n = step.min(cap - at);
                         r = self.dev().unmap(at, n).map_err(dev_sense);
                         at += n;
+                        self.set_progress(at, cap);
                     }
                     r
                 }
@@ -514,6 +527,15 @@ impl LogicalUnit {
         self.state.write().sanitize_failed = res.is_err();
         self.sanitizing.store(false, Ordering::Release);
         res
+    }
+}
+
+impl LogicalUnit {
+    fn set_progress(&self, done: u64, total: u64) {
+        let p = (done.min(total).saturating_mul(0xffff))
+            .checked_div(total)
+            .unwrap_or(0xffff) as u32;
+        self.sanitize_progress.store(p, Ordering::Relaxed);
     }
 }
 

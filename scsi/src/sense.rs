@@ -58,6 +58,7 @@ impl Asc {
     pub const LU_NOT_ACCESSIBLE_STANDBY: Self = Self(0x040B);
     pub const LU_NOT_ACCESSIBLE_UNAVAILABLE: Self = Self(0x040C);
     pub const WRITE_ERROR: Self = Self(0x0C00);
+    pub const UNREACHABLE_COPY_TARGET: Self = Self(0x0804);
     pub const COPY_TARGET_DEVICE_NOT_REACHABLE: Self = Self(0x0D02);
     pub const UNRECOVERED_READ_ERROR: Self = Self(0x1100);
     pub const MISCOMPARE_DURING_VERIFY: Self = Self(0x1D00);
@@ -142,6 +143,9 @@ pub struct Sense {
     /// INFORMATION field (e.g. the LBA or miscompare offset).
     pub info: Option<u64>,
     pub field: Option<FieldPointer>,
+    /// PROGRESS INDICATION (0..=65535 of the operation done) for NOT READY
+    /// while a SANITIZE runs (SPC-4 4.5.2.4.4).
+    pub progress: Option<u16>,
 }
 
 impl Sense {
@@ -151,6 +155,7 @@ impl Sense {
             asc,
             info: None,
             field: None,
+            progress: None,
         }
     }
     pub fn illegal_request(asc: Asc) -> Self {
@@ -204,6 +209,21 @@ impl Sense {
         self.field = Some(f);
         self
     }
+    pub fn with_progress(mut self, done: u16) -> Self {
+        self.progress = Some(done);
+        self
+    }
+
+    /// The 3 sense-key-specific bytes, SKSV set, if any.
+    fn sks(&self) -> Option<[u8; 3]> {
+        if let Some(f) = self.field {
+            return Some(f.encode());
+        }
+        self.progress.map(|p| {
+            let [hi, lo] = p.to_be_bytes();
+            [0x80, hi, lo]
+        })
+    }
 
     /// Encode in fixed (`descriptor == false`) or descriptor format.
     pub fn encode(&self, descriptor: bool) -> Vec<u8> {
@@ -229,8 +249,8 @@ impl Sense {
         b[7] = 10; // additional sense length: bytes 8..18
         b[12] = self.asc.asc();
         b[13] = self.asc.ascq();
-        if let Some(f) = self.field {
-            b[15..18].copy_from_slice(&f.encode());
+        if let Some(sks) = self.sks() {
+            b[15..18].copy_from_slice(&sks);
         }
         b
     }
@@ -250,9 +270,9 @@ impl Sense {
             b.extend_from_slice(&[0x00, 0x0a, 0x80, 0x00]);
             b.extend_from_slice(&info.to_be_bytes());
         }
-        if let Some(f) = self.field {
+        if let Some(sks) = self.sks() {
             b.extend_from_slice(&[0x02, 0x06, 0x00]);
-            b.extend_from_slice(&f.encode());
+            b.extend_from_slice(&sks);
             b.extend_from_slice(&[0, 0]);
         }
         b[7] = (b.len() - 8) as u8;

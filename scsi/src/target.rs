@@ -28,6 +28,13 @@ pub struct TargetConfig {
     pub port_groups: Vec<PortGroup>,
     /// Accept SET TARGET PORT GROUPS (TPGS=11b) instead of implicit only.
     pub explicit_alua: bool,
+    /// Establish POWER ON, RESET OR BUS DEVICE RESET OCCURRED for every
+    /// I_T nexus on its first command. Off by default, as in LIO: a new
+    /// iSCSI session cannot have seen state from before a reset, and
+    /// initiators that reconnect with a fresh ISID after an idle drop
+    /// (libiscsi) would otherwise get a unit attention they do not expect
+    /// (libiscsi SCSI.Sanitize.Reset then loops forever).
+    pub new_nexus_ua: bool,
 }
 
 impl TargetConfig {
@@ -45,7 +52,7 @@ impl TargetConfig {
         Self {
             name: name.into(),
             port_groups: vec![PortGroup::new(1, AluaState::ActiveOptimized, vec![1])],
-            explicit_alua: false,
+            ..Self::default()
         }
     }
 }
@@ -79,6 +86,7 @@ pub enum TmfResponse {
 pub(crate) struct TargetShared {
     name: String,
     explicit_alua: bool,
+    pub new_nexus_ua: bool,
     groups: RwLock<Vec<PortGroup>>,
     luns: RwLock<BTreeMap<u64, Arc<LogicalUnit>>>,
 }
@@ -212,6 +220,7 @@ impl ScsiTarget {
             inner: TargetShared {
                 name: cfg.name,
                 explicit_alua: cfg.explicit_alua,
+                new_nexus_ua: cfg.new_nexus_ua,
                 groups: RwLock::new(cfg.port_groups),
                 luns: RwLock::new(map),
             },
@@ -398,11 +407,44 @@ impl ScsiTarget {
         }
     }
 
+    /// Persistent reservation state of LU `id` (registrations, reservation,
+    /// generation, APTPL flag), whether or not APTPL is set: what an HA
+    /// partner needs to carry the LU's reservations over a takeover.
+    pub fn export_pr_state(&self, id: u64) -> Option<Vec<u8>> {
+        let lu = self.inner.luns.read().get(&id).cloned()?;
+        let bytes = lu.state.read().pr.encode();
+        Some(bytes)
+    }
+
+    /// Replace LU `id`'s persistent reservation state with one produced by
+    /// [`ScsiTarget::export_pr_state`] (takeover, giveback). Returns false
+    /// if there is no such LU or the bytes are not a valid state.
+    pub fn import_pr_state(&self, id: u64, bytes: &[u8]) -> bool {
+        let Some(lu) = self.inner.luns.read().get(&id).cloned() else {
+            return false;
+        };
+        let Some(pr) = crate::pr::PrState::decode(bytes) else {
+            return false;
+        };
+        lu.state.write().pr = pr;
+        true
+    }
+
     /// Change a port group's state (implicit ALUA transition, e.g. on
     /// takeover). Returns false if there is no such group.
     pub fn set_alua_state(&self, group: u16, state: AluaState) -> bool {
         self.inner
             .set_state(group, state, AluaChange::Implicit, None)
+    }
+
+    /// How many I_T nexuses LU `id` remembers (tests: memory stays bounded).
+    #[cfg(test)]
+    pub(crate) fn known_nexuses(&self, id: u64) -> usize {
+        self.inner
+            .luns
+            .read()
+            .get(&id)
+            .map_or(0, |lu| lu.state.read().seen.len())
     }
 
     /// Current port groups.

@@ -35,10 +35,9 @@ impl H {
         let dev = Arc::new(MemDevice::new(BLOCKS, BS));
         let mut cfg = LunConfig::new(0, dev.clone());
         f(&mut cfg);
-        let t = ScsiTarget::new(
-            TargetConfig::single_port("iqn.2026-11.io.nvtarget:test"),
-            vec![cfg],
-        );
+        let mut tc = TargetConfig::single_port("iqn.2026-11.io.nvtarget:test");
+        tc.new_nexus_ua = true;
+        let t = ScsiTarget::new(tc, vec![cfg]);
         let h = H {
             t,
             dev,
@@ -125,6 +124,22 @@ fn first_command_reports_power_on_then_clears() {
     assert_eq!(h.run(&c, &[0x12, 0, 0, 0, 36, 0], &[]).status, status::GOOD);
     assert_eq!(h.err(&c, &[0; 6], &[]), (6, 0x2900));
     assert_eq!(h.run(&c, &[0; 6], &[]).status, status::GOOD);
+}
+
+#[test]
+fn no_power_on_ua_for_new_nexus_by_default() {
+    let dev = Arc::new(MemDevice::new(BLOCKS, BS));
+    let t = ScsiTarget::new(TargetConfig::single_port("t"), vec![LunConfig::new(0, dev)]);
+    let n = nexus("iqn.d", 4);
+    let r = t.execute(&ScsiCommand {
+        lun: 0,
+        cdb: &[0; 6],
+        attr: TaskAttr::Simple,
+        data_out: &[],
+        expected_in_len: 0,
+        nexus: &n,
+    });
+    assert_eq!(r.status, status::GOOD);
 }
 
 #[test]
@@ -872,7 +887,9 @@ fn aptpl_survives_restart() {
     h.ok(&c, &p);
     let mut cfg = LunConfig::new(0, h.dev.clone());
     cfg.pr_store = Some(store);
-    let t2 = ScsiTarget::new(TargetConfig::new("t"), vec![cfg]);
+    let mut tc = TargetConfig::new("t");
+    tc.new_nexus_ua = true;
+    let t2 = ScsiTarget::new(tc, vec![cfg]);
     let run = |cdb: &[u8]| {
         t2.execute(&ScsiCommand {
             lun: 0,
@@ -973,4 +990,322 @@ proptest! {
         let r = h.run(&h.a, &cdb, &out);
         prop_assert!(well_formed(&r));
     }
+}
+
+#[test]
+fn small_commands() {
+    let h = H::new();
+    // REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS, with and without REPD.
+    assert_eq!(
+        h.ok(&[0xa3, 0x0d, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0], &[]),
+        vec![0xda, 0, 0, 0]
+    );
+    assert_eq!(
+        h.ok(&[0xa3, 0x0d, 0x80, 0, 0, 0, 0, 0, 0, 16, 0, 0], &[])
+            .len(),
+        16
+    );
+    // READ DEFECT DATA: empty lists.
+    assert_eq!(
+        h.ok(&[0x37, 0, 0x18, 0, 0, 0, 0, 0, 4, 0], &[]),
+        vec![0, 0x18, 0, 0]
+    );
+    assert_eq!(
+        h.ok(&[0xb7, 0x18, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], &[]).len(),
+        8
+    );
+    // PRE-FETCH and SYNCHRONIZE CACHE: GOOD in range, LBA OUT OF RANGE beyond.
+    h.ok(&rw10(0x34, 0, 8), &[]);
+    assert_eq!(
+        h.err(&h.a, &rw10(0x34, BLOCKS as u32, 1), &[]),
+        (ILLEGAL, 0x2100)
+    );
+    h.ok(&rw10(0x35, 0, 0), &[]);
+    h.ok(&rw16(0x91, 0, 0), &[]);
+    assert_eq!(h.err(&h.a, &rw16(0x91, BLOCKS, 1), &[]), (ILLEGAL, 0x2100));
+    // REQUEST SENSE with nothing pending: NO SENSE, fixed or descriptor.
+    let s = h.ok(&[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_eq!((s[0], s[2], s[12]), (0x70, 0, 0));
+    assert_eq!(h.ok(&[0x03, 1, 0, 0, 252, 0], &[])[0], 0x72);
+    // LOG SENSE: supported pages only.
+    assert_eq!(
+        h.ok(&[0x4d, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[]),
+        vec![0, 0, 0, 1, 0]
+    );
+    assert_eq!(
+        h.err(&h.a, &[0x4d, 0, 0x0d, 0, 0, 0, 0, 0, 64, 0], &[]),
+        (ILLEGAL, 0x2400)
+    );
+    // NACA in CONTROL is not supported.
+    assert_eq!(h.err(&h.a, &[0, 0, 0, 0, 0, 0x04], &[]), (ILLEGAL, 0x2400));
+}
+
+#[test]
+fn request_sense_reports_and_clears_unit_attention() {
+    let h = H::new();
+    h.t.resize_lun(0);
+    let s = h.ok(&[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_eq!((s[2] & 0xf, s[12], s[13]), (6, 0x2a, 0x09));
+    assert_eq!(h.run(&h.a, &[0; 6], &[]).status, status::GOOD);
+}
+
+#[test]
+fn write_atomic_and_orwrite() {
+    let h = H::new();
+    let mut c = [0u8; 16];
+    c[0] = 0x9c;
+    c[2..10].copy_from_slice(&3u64.to_be_bytes());
+    c[12..14].copy_from_slice(&2u16.to_be_bytes());
+    h.ok(&c, &[0x0f; 1024]);
+    assert_eq!(h.ok(&rw10(0x28, 3, 2), &[]), vec![0x0f; 1024]);
+    // Too big for one atomic write.
+    let max = (crate::sbc::limits::MAX_ATOMIC_BYTES / u64::from(BS)) as u16 + 1;
+    c[12..14].copy_from_slice(&max.to_be_bytes());
+    assert_eq!(h.err(&h.a, &c, &[]), (ILLEGAL, 0x2400));
+    // ORWRITE ORs the data in.
+    h.ok(&rw16(0x8b, 3, 1), &[0xf0; 512]);
+    assert_eq!(h.ok(&rw10(0x28, 3, 1), &[]), vec![0xff; 512]);
+    assert_eq!(
+        h.err(&h.a, &rw16(0x8b, BLOCKS, 1), &[0; 512]),
+        (ILLEGAL, 0x2100)
+    );
+}
+
+#[test]
+fn preempt_reservation_changes_holder_and_type() {
+    let h = H::new();
+    assert_eq!(pr(&h, &h.a, 6, 0, 0, 0xa), status::GOOD);
+    assert_eq!(pr(&h, &h.b, 6, 0, 0, 0xb), status::GOOD);
+    assert_eq!(pr(&h, &h.a, 1, 1, 0xa, 0), status::GOOD);
+    // B preempts A's reservation with a different type.
+    assert_eq!(pr(&h, &h.b, 4, 3, 0xb, 0xa), status::GOOD);
+    assert_eq!(h.err(&h.a, &[0; 6], &[]), (6, 0x2a05));
+    let r = h.run(&h.b, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 0x20, 0], &[]);
+    assert_eq!(&r.data[8..16], &0xbu64.to_be_bytes());
+    assert_eq!(r.data[21], 3);
+    // A is no longer registered: exclusive access shuts it out.
+    assert_eq!(
+        h.run(&h.a, &rw10(0x28, 0, 1), &[]).status,
+        status::RESERVATION_CONFLICT
+    );
+    // RELEASE with the wrong type.
+    assert_eq!(
+        h.err(&h.b, &prout(2, 1, 0xb, 0, 0).0, &prout(2, 1, 0xb, 0, 0).1),
+        (ILLEGAL, 0x2604)
+    );
+    // Invalid type and scope.
+    assert_eq!(
+        h.err(&h.b, &prout(1, 2, 0xb, 0, 0).0, &prout(1, 2, 0xb, 0, 0).1),
+        (ILLEGAL, 0x2400)
+    );
+    assert_eq!(
+        h.err(
+            &h.b,
+            &prout(1, 0x11, 0xb, 0, 0).0,
+            &prout(1, 0x11, 0xb, 0, 0).1
+        ),
+        (ILLEGAL, 0x2400)
+    );
+}
+
+#[test]
+fn register_and_move() {
+    let h = H::new();
+    assert_eq!(pr(&h, &h.a, 6, 0, 0, 0xa), status::GOOD);
+    assert_eq!(pr(&h, &h.a, 1, 1, 0xa, 0), status::GOOD);
+    let tid = {
+        let mut name = h.b.initiator_port.clone().into_bytes();
+        name.push(0);
+        while !name.len().is_multiple_of(4) {
+            name.push(0);
+        }
+        let mut t = vec![0x45, 0];
+        t.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        t.extend(name);
+        t
+    };
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&0xau64.to_be_bytes());
+    p[8..16].copy_from_slice(&0xbu64.to_be_bytes());
+    p[17] = 0x02; // UNREG
+    p[18..20].copy_from_slice(&1u16.to_be_bytes());
+    p[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+    p.extend(tid);
+    let mut c = vec![0x5f, 0x07, 0x01, 0, 0, 0, 0, 0, 0, 0];
+    c[5..9].copy_from_slice(&(p.len() as u32).to_be_bytes());
+    h.ok(&c, &p);
+    assert_eq!(read_keys(&h, &h.a), vec![0xb]);
+    let r = h.run(&h.b, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 0x20, 0], &[]);
+    assert_eq!(&r.data[8..16], &0xbu64.to_be_bytes());
+    // B holds it now: it can write, A cannot.
+    assert_eq!(
+        h.run(&h.b, &rw10(0x2a, 0, 1), &[0; 512]).status,
+        status::GOOD
+    );
+    assert_eq!(
+        h.run(&h.a, &rw10(0x2a, 0, 1), &[0; 512]).status,
+        status::RESERVATION_CONFLICT
+    );
+}
+
+#[test]
+fn all_target_ports_registration_covers_other_ports() {
+    let h = H::new();
+    let (c, p) = prout(0, 0, 0, 0xa, 0x04);
+    h.ok(&c, &p);
+    let mut a2 = h.a.clone();
+    a2.relative_port = 2;
+    h.clear_ua(&a2);
+    // Same initiator port through another target port is registered.
+    assert_eq!(pr(&h, &a2, 1, 1, 0xa, 0), status::GOOD);
+    let d = h.ok(&[0x5e, 3, 0, 0, 0, 0, 0, 0x10, 0, 0], &[]);
+    assert_eq!(d[20] & 0x02, 0x02, "ALL_TG_PT");
+}
+
+#[test]
+fn lun_add_remove_reported() {
+    let h = H::new();
+    h.t.add_lun(LunConfig::new(5, Arc::new(MemDevice::new(64, 512))));
+    assert_eq!(h.t.luns(), vec![0, 5]);
+    assert_eq!(h.err(&h.a, &[0; 6], &[]), (6, 0x3f0e));
+    let d = h.ok(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_eq!(&d[0..4], &16u32.to_be_bytes());
+    assert_eq!(d[17], 5);
+    h.t.remove_lun(5);
+    // REPORT LUNS clears the pending REPORTED LUNS DATA HAS CHANGED.
+    h.ok(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_eq!(h.run(&h.a, &[0; 6], &[]).status, status::GOOD);
+}
+
+#[test]
+fn explicit_alua_set_target_port_groups() {
+    let dev = Arc::new(MemDevice::new(BLOCKS, BS));
+    let mut tc = TargetConfig::single_port("t");
+    tc.port_groups
+        .push(crate::PortGroup::new(2, crate::AluaState::Standby, vec![2]));
+    tc.explicit_alua = true;
+    let t = ScsiTarget::new(tc, vec![LunConfig::new(0, dev)]);
+    let a = nexus("iqn.a", 1);
+    let mut a2 = a.clone();
+    a2.relative_port = 2;
+    let run = |n: &ItNexus, cdb: &[u8], out: &[u8]| {
+        t.execute(&ScsiCommand {
+            lun: 0,
+            cdb,
+            attr: TaskAttr::Simple,
+            data_out: out,
+            expected_in_len: 4096,
+            nexus: n,
+        })
+    };
+    // Standby port: reads refused, INQUIRY and RTPG fine, TPGS = 11b.
+    assert_eq!(
+        sense_of(&run(&a2, &rw10(0x28, 0, 1), &[]).sense),
+        (2, 0x040b)
+    );
+    assert_eq!(run(&a2, &[0x12, 0, 0, 0, 36, 0], &[]).data[5] & 0x30, 0x30);
+    // Swap the groups.
+    let p = [0, 0, 0, 0, 0x02, 0, 0, 1, 0x00, 0, 0, 2];
+    let mut c = [0u8; 12];
+    c[0] = 0xa4;
+    c[1] = 0x0a;
+    c[9] = p.len() as u8;
+    assert_eq!(run(&a, &c, &p).status, status::GOOD);
+    assert_eq!(sense_of(&run(&a2, &[0; 6], &[]).sense), (6, 0x2a06));
+    assert_eq!(run(&a2, &rw10(0x28, 0, 1), &[]).status, status::GOOD);
+    let g = t.port_groups();
+    assert_eq!(
+        (g[0].state, g[1].state),
+        (crate::AluaState::Standby, crate::AluaState::ActiveOptimized)
+    );
+    // Unknown group.
+    let bad = [0, 0, 0, 0, 0x00, 0, 0, 9];
+    c[9] = bad.len() as u8;
+    assert_eq!(sense_of(&run(&a, &c, &bad).sense), (ILLEGAL, 0x2600));
+}
+
+#[test]
+fn unmap_refused_on_thick_lun() {
+    let dev = Arc::new(MemDevice::with_provisioning(BLOCKS, BS, false));
+    let t = ScsiTarget::new(TargetConfig::single_port("t"), vec![LunConfig::new(0, dev)]);
+    let a = nexus("iqn.a", 1);
+    let r = t.execute(&ScsiCommand {
+        lun: 0,
+        cdb: &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+        attr: TaskAttr::Simple,
+        data_out: &[0; 24],
+        expected_in_len: 0,
+        nexus: &a,
+    });
+    assert_eq!(sense_of(&r.sense), (ILLEGAL, 0x2000));
+}
+
+#[test]
+fn lost_nexuses_are_bounded() {
+    let h = H::new();
+    for i in 0..(crate::lu::MAX_LOST_NEXUSES as u64 + 50) {
+        let n = nexus("iqn.churn", 1000 + i);
+        h.clear_ua(&n);
+        h.t.nexus_loss(&n);
+    }
+    // The newest lost nexus still learns of its loss...
+    let last = nexus("iqn.churn", 1000 + crate::lu::MAX_LOST_NEXUSES as u64 + 49);
+    assert_eq!(h.err(&last, &[0; 6], &[]).1, 0x2907);
+    // ...and memory stays bounded: a, b and the remembered lost ones.
+    assert_eq!(h.t.known_nexuses(0), 2 + crate::lu::MAX_LOST_NEXUSES);
+}
+
+#[test]
+fn pr_state_moves_to_a_partner() {
+    let h = H::new();
+    assert_eq!(pr(&h, &h.a, 6, 0, 0, 0xa), status::GOOD);
+    assert_eq!(pr(&h, &h.a, 1, 5, 0xa, 0), status::GOOD);
+    let bytes = h.t.export_pr_state(0).unwrap();
+    let partner = H::new();
+    assert!(partner.t.import_pr_state(0, &bytes));
+    assert!(!partner.t.import_pr_state(0, b"junk"));
+    assert!(!partner.t.import_pr_state(9, &bytes));
+    // On the partner, A still holds a WE-RO reservation: B cannot write.
+    assert_eq!(read_keys(&partner, &partner.b), vec![0xa]);
+    let w = partner.run(&partner.b, &rw10(0x2a, 0, 1), &[0; 512]);
+    assert_eq!(w.status, status::RESERVATION_CONFLICT);
+    assert_eq!(
+        partner.run(&partner.a, &rw10(0x2a, 0, 1), &[0; 512]).status,
+        status::GOOD
+    );
+}
+
+#[test]
+fn cold_reset_survives_the_session_drop() {
+    let h = H::new();
+    h.t.task_mgmt(crate::TmfFunction::TargetColdReset, 0, &h.a);
+    // The transport closes every session; the initiators come back.
+    h.t.nexus_loss(&h.a);
+    h.t.nexus_loss(&h.b);
+    assert_eq!(h.err(&h.a, &[0; 6], &[]), (6, 0x2901));
+    assert_eq!(h.err(&h.b, &[0; 6], &[]), (6, 0x2901));
+    assert_eq!(h.run(&h.a, &[0; 6], &[]).status, status::GOOD);
+}
+
+#[test]
+fn sanitize_in_progress_reports_progress() {
+    let h = Arc::new(H::new());
+    // IMMED overwrite runs in the background (paced), so it is observable.
+    let p = vec![0x01, 0, 0, 4, 1, 2, 3, 4];
+    h.ok(&[0x48, 0x81, 0, 0, 0, 0, 0, 0, 8, 0], &p);
+    let r = h.run(&h.a, &[0; 6], &[]);
+    if r.status == status::CHECK_CONDITION {
+        assert_eq!(sense_of(&r.sense), (2, 0x041b));
+        assert_eq!(r.sense[15] & 0x80, 0x80, "SKSV with progress");
+        // INQUIRY still works.
+        h.ok(&[0x12, 0, 0, 0, 36, 0], &[]);
+    }
+    for _ in 0..500 {
+        if h.run(&h.a, &[0; 6], &[]).status == status::GOOD {
+            assert_eq!(&h.ok(&rw10(0x28, 7, 1), &[])[..4], &[1, 2, 3, 4]);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("sanitize never finished");
 }

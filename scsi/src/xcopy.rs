@@ -109,7 +109,7 @@ impl LogicalUnit {
             };
             match lu {
                 Some(lu) => targets.push(lu),
-                None => return Err(copy_aborted(Asc(0x0804))),
+                None => return Err(copy_aborted(Asc::UNREACHABLE_COPY_TARGET)),
             }
         }
         let mut segs = Vec::with_capacity(segs_raw.len());
