@@ -1,0 +1,536 @@
+#!/usr/bin/env bash
+# nvtarget lab: a Debian guest (Linux iscsi_tcp + open-iscsi + fio) booted in
+# qemu against an `nvtarget serve` on the host. See lab/README.md.
+#
+#   lab/run-lab.sh smoke     build/boot the guest, discovery, login, checks,
+#                            fio crc32c verify, rescan, logout/login, logout
+#   lab/run-lab.sh image     only build (or reuse) the cached guest image
+#   lab/run-lab.sh bench|failover   not implemented yet (exit 3)
+#
+# Environment knobs (all optional):
+#   LAB_DIR            cache + run dir        (default <repo>/nvtarget-data/lab)
+#   LAB_MIRROR         Debian mirror          (default: from /etc/apt sources)
+#   LAB_SUITE          Debian suite           (default: bookworm)
+#   LAB_FIO_RUNTIME    seconds of timed fio   (default: 30)
+#   LAB_FIO_SIZE       random-write region    (default: 256M)
+#   LAB_TIMEOUT        guest timeout, seconds (default: 600 with KVM, 2400 without)
+#   LAB_ACCEL          kvm|tcg                (default: kvm when /dev/kvm is usable)
+#   LAB_NO_INSTALL=1   never apt-get install missing host tools, just say what's missing
+#   LAB_NET            guestfwd (default: restrict=on + guestfwd to the target only)
+#                      or hostlo (guest dials 10.0.2.2:<port> = host loopback)
+#   LAB_VERBOSE=1      stream the whole guest console, not only progress lines
+#   NVTARGET_BIN       target binary          (default: <repo>/target/release/nvtarget,
+#                                              built with cargo if missing)
+set -euo pipefail
+
+LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$LAB_SRC/.." && pwd)
+LAB_DIR=${LAB_DIR:-$REPO/nvtarget-data/lab}
+LAB_SUITE=${LAB_SUITE:-bookworm}
+LAB_FIO_RUNTIME=${LAB_FIO_RUNTIME:-30}
+LAB_FIO_SIZE=${LAB_FIO_SIZE:-256M}
+LAB_IQN=iqn.2026-11.io.nvtarget:default
+LAB_LUN_BYTES=$((1024 * 1024 * 1024))
+# Inside the guest, the target is reached at this address; qemu's user-mode
+# network (restrict=on) forwards it, and only it, to the host's target.
+GUEST_PORTAL_IP=10.0.2.100
+GUEST_PORTAL_PORT=3260
+
+# The guest's packages (part of the image recipe hash).
+GUEST_PACKAGES=(
+    linux-image-amd64 # kernel with iscsi_tcp, dm-multipath as modules
+    open-iscsi multipath-tools fio sg3-utils
+    iproute2 kmod udev util-linux procps e2fsprogs
+)
+
+T_START=$(date +%s)
+log() { printf '[lab %5ss] %s\n' "$(($(date +%s) - T_START))" "$*" >&2; }
+die() {
+    printf '[lab] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ------------------------------------------------------------------ cleanup
+PIDS=()     # processes we started, killed by PID on exit
+TMPDIRS=()  # scratch dirs removed on exit
+MOUNTS=()   # chroot mounts to undo on exit
+cleanup() {
+    local rc=$? p m d
+    for p in "${PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.5
+        done
+        kill -9 "$p" 2>/dev/null || true
+    done
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+        m=${MOUNTS[i]}
+        umount -l "$m" 2>/dev/null || true
+    done
+    for d in "${TMPDIRS[@]}"; do
+        rm -rf --one-file-system "$d" 2>/dev/null || true
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------ host tools
+# command -> Debian package
+declare -A TOOL_PKG=(
+    [qemu-system-x86_64]=qemu-system-x86
+    [debootstrap]=debootstrap
+    [mkfs.ext4]=e2fsprogs
+    [socat]=socat
+)
+need_tools() {
+    local missing=() pkgs=() t
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null 2>&1 ||
+            { missing+=("$t"); pkgs+=("${TOOL_PKG[$t]}"); }
+    done
+    ((${#missing[@]} == 0)) && return 0
+    if [[ $(id -u) == 0 && ${LAB_NO_INSTALL:-0} != 1 ]] && command -v apt-get >/dev/null; then
+        log "installing host packages: ${pkgs[*]} (missing: ${missing[*]})"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >/dev/null ||
+            die "apt-get update failed; install by hand: apt-get install ${pkgs[*]}"
+        apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null ||
+            die "apt-get install ${pkgs[*]} failed"
+        for t in "${missing[@]}"; do
+            PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null ||
+                die "$t still missing after installing ${TOOL_PKG[$t]}"
+        done
+        return 0
+    fi
+    local t2 msg=""
+    for ((i = 0; i < ${#missing[@]}; i++)); do
+        t2=${missing[i]}
+        msg+="  $t2: install Debian package '${TOOL_PKG[$t2]}'"$'\n'
+    done
+    die "missing host tools:"$'\n'"$msg  (as root: apt-get install ${pkgs[*]}; run-lab.sh does that itself when run as root)"
+}
+export PATH=$PATH:/usr/sbin:/sbin
+
+KVM_WHY=""
+kvm_usable() {
+    if [[ ! -c /dev/kvm ]]; then
+        KVM_WHY="/dev/kvm does not exist (no hardware virtualization, or kvm_intel/kvm_amd not loaded)"
+        return 1
+    fi
+    # Opening it read-write is what qemu needs.
+    if ! { exec 9<>/dev/kvm; } 2>/dev/null; then
+        KVM_WHY="/dev/kvm is not usable by $(id -un) (add the user to group kvm)"
+        return 1
+    fi
+    exec 9>&-
+    # PVM (kvm_pvm, e.g. inside some cloud sandboxes) provides /dev/kvm but runs
+    # only PVM-enabled guest kernels: Debian's stock kernel hangs before its
+    # first console line there.
+    if [[ -d /sys/module/kvm_pvm && ! -d /sys/module/kvm_intel && ! -d /sys/module/kvm_amd ]]; then
+        KVM_WHY="/dev/kvm is PVM (kvm_pvm), which boots only PVM-enabled kernels, not Debian's"
+        return 1
+    fi
+    return 0
+}
+
+pick_accel() {
+    case ${LAB_ACCEL:-auto} in
+    kvm)
+        kvm_usable || die "LAB_ACCEL=kvm but $KVM_WHY"
+        ACCEL=kvm
+        ;;
+    tcg) ACCEL=tcg ;;
+    auto)
+        if kvm_usable; then ACCEL=kvm; else
+            ACCEL=tcg
+            log "WARNING: no KVM: $KVM_WHY; using software emulation (qemu TCG), slower"
+        fi
+        ;;
+    *) die "LAB_ACCEL must be kvm, tcg or auto" ;;
+    esac
+}
+
+# ------------------------------------------------------------------ mirror
+debian_mirror() {
+    if [[ -n ${LAB_MIRROR:-} ]]; then
+        echo "$LAB_MIRROR"
+        return
+    fi
+    # Reuse the mirror apt is configured with (deb822 .sources or one-line .list).
+    local f u
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] || continue
+        u=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i ~ /\/debian\/?$/) {print $i; exit}}' "$f")
+        [[ -n $u ]] && { echo "${u%/}"; return; }
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] || continue
+        u=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^https?:.*\/debian\/?$/) {print $i; exit}}' "$f")
+        [[ -n $u ]] && { echo "${u%/}"; return; }
+    done
+    echo http://deb.debian.org/debian
+}
+
+# Progress lines while debootstrap runs (not part of the recipe hash).
+watch_debootstrap() { # pid log root
+    local pid=$1 dlog=$2 root=$3 last="" phase lastlog=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        phase=$(grep -Eo '^I: [A-Z][a-z]+' "$dlog" 2>/dev/null | tail -1 || true)
+        phase=${phase#I: }
+        if [[ -n $phase && ($phase != "$last" || $((SECONDS - lastlog)) -ge 30) ]]; then
+            lastlog=$SECONDS
+            log "image: debootstrap: $phase ... ($(du -sm "$root" 2>/dev/null | cut -f1) MiB so far)"
+            last=$phase
+        fi
+    done
+}
+
+# ------------------------------------------------------------------ image
+# The recipe. Everything that shapes the image is in this function, the
+# package list, the suite and lab/guest/lab-init; their hash names the cache.
+build_image() { # $1 = output dir (empty, on the same filesystem as the cache)
+    local out=$1 root=$1/root mirror
+    mirror=$(debian_mirror)
+    local include
+    include=$(IFS=,; echo "${GUEST_PACKAGES[*]}")
+    log "image: debootstrap --variant=minbase $LAB_SUITE from $mirror (a few minutes; log: $out/debootstrap.log)"
+    mkdir -p "$root"
+    debootstrap --variant=minbase --include="$include" "$LAB_SUITE" "$root" "$mirror" \
+        >"$out/debootstrap.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    watch_debootstrap "$pid" "$out/debootstrap.log" "$root"
+    wait "$pid" || {
+        tail -20 "$out/debootstrap.log" >&2
+        die "debootstrap failed (full log: $out/debootstrap.log)"
+    }
+
+    log "image: configuring guest root"
+    # Smaller, faster initramfs: only what is needed to find an ext4 root on virtio.
+    printf '%s\n' virtio_pci virtio_blk ext4 crc32c_generic >"$root/etc/initramfs-tools/modules"
+    sed -i 's/^MODULES=.*/MODULES=list/' "$root/etc/initramfs-tools/initramfs.conf"
+    sed -i 's/^COMPRESS=.*/COMPRESS=gzip/' "$root/etc/initramfs-tools/initramfs.conf"
+    local kver
+    kver=$(ls "$root/lib/modules" | sort -V | tail -1)
+    [[ -n $kver ]] || die "no kernel modules in the guest root"
+    for fs in proc sys dev; do
+        mount --bind "/$fs" "$root/$fs"
+        MOUNTS+=("$root/$fs")
+    done
+    chroot "$root" update-initramfs -c -k "$kver" >"$out/initramfs.log" 2>&1 ||
+        die "update-initramfs failed (see $out/initramfs.log)"
+    chroot "$root" depmod -a "$kver"
+    # Are the modules the lab is about really there?
+    for m in iscsi_tcp libiscsi_tcp scsi_transport_iscsi dm_multipath dm_round_robin virtio_net sd_mod; do
+        chroot "$root" modinfo -k "$kver" -F filename "$m" >/dev/null 2>&1 ||
+            die "guest kernel $kver lacks module $m"
+    done
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount "${MOUNTS[i]}"; done
+    MOUNTS=()
+
+    echo "iqn.2026-11.io.nvtarget:lab-guest" | sed 's/^/InitiatorName=/' >"$root/etc/iscsi/initiatorname.iscsi"
+    echo nvtarget-lab >"$root/etc/hostname"
+    printf '/dev/vda / ext4 rw,noatime 0 1\n' >"$root/etc/fstab"
+    install -m 0755 "$LAB_SRC/guest/lab-init" "$root/sbin/lab-init"
+    # Trim: docs, man pages, apt lists and caches; the kernel/initrd are passed to
+    # qemu directly, so /boot copies go too.
+    cp "$root/boot/vmlinuz-$kver" "$out/vmlinuz"
+    cp "$root/boot/initrd.img-$kver" "$out/initrd.img"
+    rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        "$root"/usr/share/locale/* "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* \
+        "$root"/boot/* "$root"/var/log/*.log
+    echo "$kver" >"$out/kernel-version"
+
+    log "image: making ext4 root image"
+    local mb
+    mb=$(du -sm "$root" | cut -f1)
+    mb=$((mb + mb / 4 + 128)) # headroom: the guest writes to a snapshot anyway
+    mkfs.ext4 -q -F -L labroot -d "$root" "$out/root.img" "${mb}M" >"$out/mkfs.log" 2>&1 ||
+        die "mkfs.ext4 -d failed (see $out/mkfs.log)"
+    rm -rf --one-file-system "$root"
+}
+
+recipe_hash() {
+    {
+        declare -f build_image debian_mirror
+        printf '%s\n' "${GUEST_PACKAGES[@]}" "$LAB_SUITE"
+        cat "$LAB_SRC/guest/lab-init"
+    } | sha256sum | cut -c1-16
+}
+
+ensure_image() {
+    local h
+    h=$(recipe_hash)
+    IMAGE=$LAB_DIR/image-$h
+    if [[ -f $IMAGE/ok ]]; then
+        log "image: cached $IMAGE (kernel $(cat "$IMAGE/kernel-version"), recipe $h)"
+        IMAGE_BUILD_S=0
+        return
+    fi
+    [[ $(id -u) == 0 ]] || die "building the guest image needs root (debootstrap, chroot); run as root once, or point LAB_DIR at a cache that has image-$h"
+    need_tools debootstrap mkfs.ext4
+    mkdir -p "$LAB_DIR"
+    # One build at a time per cache dir; whoever waited may find it built.
+    exec 8>"$LAB_DIR/.build.lock"
+    if ! flock -n 8; then
+        log "image: another run is building the image; waiting for it"
+        flock 8
+    fi
+    if [[ -f $IMAGE/ok ]]; then
+        log "image: built meanwhile by another run: $IMAGE"
+        IMAGE_BUILD_S=0
+        exec 8>&-
+        return
+    fi
+    log "image: recipe $h not cached: building $IMAGE (first run only)"
+    local t0=$SECONDS tmp
+    tmp=$(mktemp -d "$LAB_DIR/.build-$h.XXXXXX")
+    TMPDIRS+=("$tmp")
+    build_image "$tmp"
+    IMAGE_BUILD_S=$((SECONDS - t0))
+    echo "$IMAGE_BUILD_S" >"$tmp/build-seconds"
+    date -u +%FT%TZ >"$tmp/ok"
+    rm -rf "$IMAGE"
+    mv "$tmp" "$IMAGE"
+    # Older recipes' images are dead weight.
+    find "$LAB_DIR" -maxdepth 1 -name 'image-*' ! -name "image-$h" -exec rm -rf {} + 2>/dev/null || true
+    exec 8>&-
+    log "image: built in ${IMAGE_BUILD_S}s ($(du -sh "$IMAGE" | cut -f1), root $(du -sh --apparent-size "$IMAGE/root.img" | cut -f1))"
+}
+
+# ------------------------------------------------------------------ target
+free_port() {
+    local p
+    for _ in $(seq 1 50); do
+        p=$((32000 + RANDOM % 20000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    die "no free TCP port found"
+}
+
+start_target() { # $1 run dir
+    local run=$1 bin=${NVTARGET_BIN:-}
+    if [[ -z $bin ]]; then
+        bin=$REPO/target/release/nvtarget
+        # Build (or just check, when it is up to date) the target from this
+        # checkout, so the lab never tests a stale binary.
+        if command -v cargo >/dev/null; then
+            log "target: cargo build --release --bin nvtarget (a no-op when up to date)"
+            (cd "$REPO" && cargo build --release --bin nvtarget) >"$run/cargo.log" 2>&1 || {
+                tail -30 "$run/cargo.log" >&2
+                die "cargo build --release failed (log: $run/cargo.log)"
+            }
+        elif [[ ! -x $bin ]]; then
+            die "$bin missing and no cargo to build it (set NVTARGET_BIN)"
+        fi
+    fi
+    [[ -x $bin ]] || die "nvtarget binary $bin not found"
+    TARGET_PORT=$(free_port)
+    mkdir -p "$run/target-data"
+    log "target: $bin serve --listen 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
+    "$bin" serve --listen "127.0.0.1:$TARGET_PORT" --data-dir "$run/target-data" >"$run/target.log" 2>&1 &
+    TARGET_PID=$!
+    PIDS+=("$TARGET_PID")
+    for _ in $(seq 1 100); do
+        kill -0 "$TARGET_PID" 2>/dev/null || {
+            tail -20 "$run/target.log" >&2
+            die "nvtarget exited at startup"
+        }
+        # A bare connect-and-close: the target logs it as a short-lived connection.
+        (exec 3<>"/dev/tcp/127.0.0.1/$TARGET_PORT") 2>/dev/null && return 0
+        sleep 0.2
+    done
+    die "nvtarget not listening on 127.0.0.1:$TARGET_PORT after 20s"
+}
+
+# ------------------------------------------------------------------ guest
+boot_guest() { # $1 run dir, $2 scenario script
+    local run=$1 script=$2 cfg=$1/config
+    mkdir -p "$cfg"
+    install -m 0755 "$script" "$cfg/run.sh"
+    cat >"$cfg/env" <<EOF
+LAB_IQN=$LAB_IQN
+LAB_PORTAL=$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT
+LAB_HOST_PORTAL=127.0.0.1:$TARGET_PORT
+LAB_LUN_BYTES=$LAB_LUN_BYTES
+LAB_FIO_RUNTIME=$LAB_FIO_RUNTIME
+LAB_FIO_SIZE=$LAB_FIO_SIZE
+EOF
+    mkfs.ext4 -q -F -L labcfg -d "$cfg" "$run/config.img" 8M >/dev/null 2>&1 || die "mkfs.ext4 config disk failed"
+
+    local accel_args timeout
+    if [[ $ACCEL == kvm ]]; then
+        accel_args=(-accel kvm -cpu host)
+        timeout=${LAB_TIMEOUT:-600}
+    else
+        accel_args=(-accel tcg -cpu max)
+        timeout=${LAB_TIMEOUT:-2400}
+    fi
+    CONSOLE=$run/console.log
+    : >"$CONSOLE"
+    # Network: user-mode (slirp) with restrict=on, so the guest can reach
+    # nothing at all except the guestfwd below: a TCP connection to
+    # 10.0.2.100:3260 in the guest makes qemu run socat, which connects to the
+    # target on the host's loopback (one socat per connection, so logout/login
+    # cycles and multiple sessions work).
+    local netdev
+    case ${LAB_NET:-guestfwd} in
+    guestfwd)
+        netdev="user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2"
+        netdev+=",guestfwd=tcp:$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT-cmd:socat -lf /dev/null - TCP:127.0.0.1:$TARGET_PORT"
+        ;;
+    hostlo)
+        # Alternative, kept for comparison (see README): no restrict, the
+        # guest dials 10.0.2.2:<port>, which slirp maps to the host's
+        # 127.0.0.1:<port>. The guest has no default route, but nothing in
+        # qemu stops it from reaching other hosts; guestfwd is the default.
+        netdev="user,id=n0,net=10.0.2.0/24,host=10.0.2.2"
+        sed -i "s/^LAB_PORTAL=.*/LAB_PORTAL=10.0.2.2:$TARGET_PORT/" "$cfg/env"
+        mkfs.ext4 -q -F -L labcfg -d "$cfg" "$run/config.img" 8M >/dev/null 2>&1 || die "mkfs.ext4 config disk failed"
+        ;;
+    *) die "LAB_NET must be guestfwd or hostlo" ;;
+    esac
+    local append="console=ttyS0,115200 root=/dev/vda rw rootfstype=ext4 init=/sbin/lab-init"
+    append+=" panic=-1 net.ifnames=0 loglevel=4 tsc=reliable"
+    log "guest: booting ($ACCEL, timeout ${timeout}s, console: $CONSOLE)"
+    qemu-system-x86_64 -name nvtarget-lab "${accel_args[@]}" -machine q35 -m 1024 -smp 2 \
+        -nodefaults -no-user-config -nographic -no-reboot \
+        -serial "file:$CONSOLE" -monitor none \
+        -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" -append "$append" \
+        -drive "file=$IMAGE/root.img,if=virtio,format=raw,snapshot=on,cache=unsafe" \
+        -drive "file=$run/config.img,if=virtio,format=raw,readonly=on" \
+        -netdev "$netdev" -device virtio-net-pci,netdev=n0,romfile= \
+        -device virtio-rng-pci \
+        </dev/null >"$run/qemu.log" 2>&1 &
+    QEMU_PID=$!
+    PIDS+=("$QEMU_PID")
+    local t0=$SECONDS seen=0 line n booted="" reached_init=""
+    GUEST_BOOT_S="" GUEST_RC=""
+    while :; do
+        n=$(wc -l <"$CONSOLE")
+        if ((n > seen)); then
+            while IFS= read -r line; do
+                line=${line%$'\r'}
+                if [[ ${LAB_VERBOSE:-0} == 1 ]]; then
+                    printf '  | %s\n' "$line" >&2
+                elif [[ $line == LAB-* ]]; then
+                    case $line in
+                    LAB-PARAM*) ;;
+                    *) log "guest: ${line#LAB-}" ;;
+                    esac
+                fi
+                if [[ $line == "LAB-BOOT ready"* && -z $booted ]]; then
+                    booted=1
+                    GUEST_BOOT_S=$((SECONDS - t0))
+                    log "guest: booted in ${GUEST_BOOT_S}s (guest uptime ${line##* })"
+                fi
+                [[ $line == LAB-BOOT* ]] && reached_init=1
+                [[ $line == LAB-EXIT* ]] && GUEST_RC=${line#LAB-EXIT }
+            done < <(sed -n "$((seen + 1)),${n}p" "$CONSOLE")
+            seen=$n
+        fi
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        if [[ $ACCEL == kvm && -z $reached_init ]] && ((SECONDS - t0 > 120)); then
+            log "guest: no sign of life under KVM after 120s, killing qemu (pid $QEMU_PID)"
+            kill "$QEMU_PID" 2>/dev/null || true
+            break
+        fi
+        if ((SECONDS - t0 > timeout)); then
+            log "guest: TIMEOUT after ${timeout}s, killing qemu (pid $QEMU_PID)"
+            kill "$QEMU_PID" 2>/dev/null || true
+            GUEST_RC=timeout
+            break
+        fi
+        sleep 1
+    done
+    wait "$QEMU_PID" 2>/dev/null || true
+    GUEST_S=$((SECONDS - t0))
+    if [[ -s $run/qemu.log ]]; then
+        log "qemu said:"
+        sed 's/^/    /' "$run/qemu.log" >&2
+    fi
+    # KVM that opens but cannot run this kernel (nested/paravirtual KVM, MSR
+    # or CPUID quirks): retry once in software emulation.
+    if [[ $ACCEL == kvm && -z $reached_init && ${LAB_ACCEL:-auto} == auto ]]; then
+        log "WARNING: the guest never reached its init under KVM; retrying with software emulation (TCG)"
+        ACCEL=tcg
+        mv "$CONSOLE" "$CONSOLE.kvm-attempt"
+        boot_guest "$run" "$script"
+    fi
+}
+
+# ------------------------------------------------------------------ scenarios
+cmd_smoke() {
+    local tools=(qemu-system-x86_64 mkfs.ext4 socat)
+    [[ -f $LAB_DIR/image-$(recipe_hash)/ok ]] || tools+=(debootstrap)
+    need_tools "${tools[@]}"
+    pick_accel
+    ensure_image
+    local run
+    mkdir -p "$LAB_DIR"
+    run=$(mktemp -d "$LAB_DIR/run-smoke-$(date +%Y%m%d-%H%M%S)-XXXX")
+    start_target "$run"
+    boot_guest "$run" "$LAB_SRC/guest/smoke.sh"
+    kill "$TARGET_PID" 2>/dev/null || true
+
+    local result
+    result=$(grep -a '^LAB-RESULT' "$CONSOLE" | tail -1 | tr -d '\r' || true)
+    echo
+    echo "==================== nvtarget lab: smoke summary ===================="
+    echo "accel:          $ACCEL"
+    echo "image:          $IMAGE (kernel $(cat "$IMAGE/kernel-version"))"
+    echo "image build:    ${IMAGE_BUILD_S}s$( ((IMAGE_BUILD_S == 0)) && echo ' (cached)')"
+    echo "guest boot:     ${GUEST_BOOT_S:-?}s (qemu start to test start)"
+    echo "guest total:    ${GUEST_S}s (boot + smoke + poweroff)"
+    echo "whole run:      $(($(date +%s) - T_START))s"
+    echo "target:         127.0.0.1:$TARGET_PORT, seen by the guest as $(grep '^LAB_PORTAL=' "$run/config/env" | cut -d= -f2) (LAB_NET=${LAB_NET:-guestfwd})"
+    echo "checks passed:"
+    { grep -a '^LAB-OK' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-OK /  - /'
+    echo "negotiated (iscsiadm -m session -P 3, first login):"
+    { grep -a '^LAB-PARAM' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-PARAM /  /'
+    echo "console log:    $CONSOLE"
+    echo "target log:     $run/target.log"
+    echo "result:         ${result:-LAB-RESULT missing (guest rc ${GUEST_RC:-none})}"
+    echo "====================================================================="
+    # Keep the last 5 run dirs; a passed run's LUN data is not worth keeping.
+    ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
+    if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]]; then
+        rm -rf --one-file-system "$run/target-data"
+        return 0
+    fi
+    if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
+        echo "---- last 60 console lines ----" >&2
+        tail -60 "$CONSOLE" | tr -d '\r' >&2
+    fi
+    return 1
+}
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+case ${1:-} in
+smoke) cmd_smoke ;;
+image)
+    pick_accel
+    ensure_image
+    echo "$IMAGE"
+    ;;
+bench | failover)
+    echo "run-lab.sh $1: not implemented yet" >&2
+    exit 3
+    ;;
+-h | --help | help) usage ;;
+*)
+    usage >&2
+    exit 2
+    ;;
+esac
