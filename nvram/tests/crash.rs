@@ -210,9 +210,13 @@ fn process_mode_kill_keeps_everything_acknowledged() {
         let (log, _, _) = replay_all(&m, Durability::Process, 0);
         let stop = AtomicBool::new(false);
         let acked = Mutex::new(HashMap::new());
+        // The CP thread serves until every appender has left: an appender
+        // can be blocked for room in the log when `stop` is set, and only a
+        // CP frees it.
+        let running = AtomicU64::new(4);
         let (acked_at_kill, img) = thread::scope(|s| {
             for t in 0..4u64 {
-                let (log, acked, stop) = (&log, &acked, &stop);
+                let (log, acked, stop, running) = (&log, &acked, &stop, &running);
                 s.spawn(move || {
                     for i in 0.. {
                         if stop.load(Ordering::Relaxed) {
@@ -222,11 +226,12 @@ fn process_mode_kill_keeps_everything_acknowledged() {
                         let seq = log.append(&meta_for(id), &data_for(id)).unwrap();
                         acked.lock().insert(id, seq);
                     }
+                    running.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-            let (log, stop) = (&log, &stop);
+            let (log, running) = (&log, &running);
             s.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                while running.load(Ordering::SeqCst) > 0 {
                     if log.wait_cp_needed(std::time::Duration::from_millis(2)) {
                         let t = log.begin_cp().unwrap();
                         log.cp_done(t).unwrap();
