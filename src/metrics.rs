@@ -192,6 +192,9 @@ impl BlockDevice for MeteredDevice {
     fn thin(&self) -> bool {
         self.inner.thin()
     }
+    fn poll_soft_threshold(&self) -> bool {
+        self.inner.poll_soft_threshold()
+    }
     fn lba_status(&self, lba: u64) -> Result<(LbaStatus, u64), DevError> {
         self.inner.lba_status(lba)
     }

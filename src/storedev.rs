@@ -403,6 +403,10 @@ impl BlockDevice for StoreDevice {
         true
     }
 
+    fn poll_soft_threshold(&self) -> bool {
+        self.store.aggr.poll_soft_threshold()
+    }
+
     fn lba_status(&self, lba: u64) -> Result<(LbaStatus, u64), DevError> {
         let off = self.bytes(lba)?;
         let st = self

@@ -43,6 +43,12 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> Result<(), DevError>;
     /// Deallocate blocks; they read back as zeros afterwards.
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DevError>;
+    /// True once each time the backing store crosses its thin-provisioning
+    /// soft threshold (the LU then raises THIN PROVISIONING SOFT THRESHOLD
+    /// REACHED to every nexus). Polled after write-type commands.
+    fn poll_soft_threshold(&self) -> bool {
+        false
+    }
     /// Whether `unmap` frees space (thin provisioning, LBPME).
     fn thin(&self) -> bool {
         false

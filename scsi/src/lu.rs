@@ -247,6 +247,17 @@ impl LogicalUnit {
     pub fn execute(self: &Arc<Self>, tgt: &TargetShared, cmd: &ScsiCommand<'_>) -> ScsiResponse {
         let key = NexusKey::of(cmd.nexus);
         let res = self.run(tgt, cmd, key);
+        // Writes are what can cross the store's soft threshold; the UA goes
+        // to every nexus, the writer included (SBC-3 4.7.3.7).
+        let writes = matches!(
+            cmd.cdb.first(),
+            Some(0x0A | 0x2A | 0xAA | 0x8A | 0x41 | 0x93 | 0x2E | 0xAE | 0x8E | 0x89)
+        );
+        if writes && res.is_ok() && self.dev().poll_soft_threshold() {
+            self.state
+                .write()
+                .add_ua_all(Asc::THIN_PROVISIONING_SOFT_THRESHOLD_REACHED, None);
+        }
         let d_sense = self.state.read().mode.d_sense;
         match res {
             Ok(r) => ScsiResponse {

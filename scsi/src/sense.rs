@@ -88,6 +88,7 @@ impl Asc {
     pub const REGISTRATIONS_PREEMPTED: Self = Self(0x2A05);
     pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Self = Self(0x2A06);
     pub const CAPACITY_DATA_HAS_CHANGED: Self = Self(0x2A09);
+    pub const THIN_PROVISIONING_SOFT_THRESHOLD_REACHED: Self = Self(0x3807);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Self = Self(0x2F00);
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: Self = Self(0x3900);
     pub const MEDIUM_NOT_PRESENT: Self = Self(0x3A00);

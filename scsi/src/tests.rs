@@ -1309,3 +1309,81 @@ fn sanitize_in_progress_reports_progress() {
     }
     panic!("sanitize never finished");
 }
+
+/// A MemDevice whose store "crosses its soft threshold" on the first poll.
+struct ThresholdDevice {
+    inner: MemDevice,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl crate::BlockDevice for ThresholdDevice {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), crate::DevError> {
+        self.inner.read(lba, buf)
+    }
+    fn write(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), crate::DevError> {
+        self.inner.write(lba, data, fua)
+    }
+    fn flush(&self) -> Result<(), crate::DevError> {
+        self.inner.flush()
+    }
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), crate::DevError> {
+        self.inner.unmap(lba, blocks)
+    }
+    fn poll_soft_threshold(&self) -> bool {
+        !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn soft_threshold_raises_unit_attention_on_every_nexus() {
+    use crate::BlockDevice as _;
+    let dev = Arc::new(ThresholdDevice {
+        inner: MemDevice::new(BLOCKS, BS),
+        fired: std::sync::atomic::AtomicBool::new(false),
+    });
+    let t = ScsiTarget::new(
+        TargetConfig::single_port("iqn.2026-11.io.nvtarget:test"),
+        vec![LunConfig::new(0, dev.clone())],
+    );
+    let (a, b) = (nexus("iqn.a", 1), nexus("iqn.b", 2));
+    let run = |n: &ItNexus, cdb: &[u8], out: &[u8]| {
+        t.execute(&ScsiCommand {
+            lun: 0,
+            cdb,
+            attr: TaskAttr::Simple,
+            data_out: out,
+            expected_in_len: 1 << 20,
+            nexus: n,
+        })
+    };
+    // Both nexuses known and clear of unit attentions.
+    for n in [&a, &b] {
+        for _ in 0..4 {
+            if run(n, &[0; 6], &[]).status == status::GOOD {
+                break;
+            }
+        }
+        assert_eq!(run(n, &[0; 6], &[]).status, status::GOOD);
+    }
+    // A read does not poll; a write crosses the threshold.
+    assert_eq!(
+        run(&a, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).status,
+        status::GOOD
+    );
+    assert!(!dev.fired.load(std::sync::atomic::Ordering::SeqCst));
+    let w = run(&a, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0xab; BS as usize]);
+    assert_eq!(w.status, status::GOOD, "the write itself succeeds");
+    for n in [&a, &b] {
+        let r = run(n, &[0; 6], &[]);
+        assert_eq!(r.status, status::CHECK_CONDITION);
+        assert_eq!(sense_of(&r.sense), (6, 0x3807));
+        assert_eq!(run(n, &[0; 6], &[]).status, status::GOOD, "reported once");
+    }
+    let _ = dev.num_blocks();
+}
