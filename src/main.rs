@@ -40,13 +40,8 @@ enum Cmd {
     },
     /// Snapshots of LUNs in the aggregate (offline: the target must be stopped).
     Snapshot {
-        #[arg(
-            long,
-            global = true,
-            value_name = "DIR",
-            default_value = "nvtarget-data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
         #[command(flatten)]
         args: nvtarget_lun::cli::SnapshotArgs,
     },
@@ -57,13 +52,8 @@ enum Cmd {
     },
     /// Aggregate tools: `check` verifies everything, `space` reports usage.
     Aggr {
-        #[arg(
-            long,
-            global = true,
-            value_name = "DIR",
-            default_value = "nvtarget-data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
         #[command(flatten)]
         args: nvtarget_lun::cli::AggrArgs,
     },
@@ -85,18 +75,25 @@ struct ServeArgs {
     metrics: Option<String>,
 }
 
+/// `--data-dir` of the offline tools; accepted before or after the subcommand.
+#[derive(clap::Args)]
+struct DataDirArg {
+    #[arg(
+        long = "data-dir",
+        global = true,
+        value_name = "DIR",
+        default_value = "nvtarget-data"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum NvramCmd {
     /// Print the log: halves, records (seq, op, LUN, range), and what a
     /// restart would replay on top of the aggregate's last CP.
     Dump {
-        #[arg(
-            long,
-            global = true,
-            value_name = "DIR",
-            default_value = "nvtarget-data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
     },
 }
 
@@ -128,16 +125,24 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json);
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
-        Cmd::Snapshot { data_dir, args } => {
+        Cmd::Snapshot {
+            dir: DataDirArg { path: data_dir },
+            args,
+        } => {
             let _lock = datadir::lock(&data_dir)?;
             nvtarget_lun::cli::snapshot_cmd(&data_dir, args)
         }
-        Cmd::Aggr { data_dir, args } => {
+        Cmd::Aggr {
+            dir: DataDirArg { path: data_dir },
+            args,
+        } => {
             let _lock = datadir::lock(&data_dir)?;
             nvtarget_lun::cli::aggr_cmd(&data_dir, args)
         }
         Cmd::Nvram {
-            cmd: NvramCmd::Dump { data_dir },
+            cmd: NvramCmd::Dump {
+                dir: DataDirArg { path: data_dir },
+            },
         } => {
             // Read-only: safe next to a running target, which may be
             // appending (the dump then shows a moment of the log).

@@ -16,6 +16,7 @@
 //! seq, apply every later record in log order, commit a CP, serve.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,9 @@ pub struct Store {
     metrics: Arc<Metrics>,
     cp: Mutex<CpState>,
     cp_cv: Condvar,
+    /// Mirrors `CpState::failed.is_some()` so the write path checks an
+    /// atomic instead of taking the CP mutex on every I/O.
+    poisoned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -133,6 +137,7 @@ impl Store {
             metrics,
             cp: Mutex::new(CpState::default()),
             cp_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -181,6 +186,9 @@ impl Store {
     }
 
     fn failed(&self) -> Result<(), DevError> {
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &self.cp.lock().failed {
             Some(e) => Err(DevError::Io(std::io::Error::other(e.clone()))),
             None => Ok(()),
@@ -276,6 +284,7 @@ fn cp_thread(store: std::sync::Weak<Store>) {
                 s.metrics.cp_failed.inc();
                 tracing::error!(error = %e, "consistency point failed; writes now fail until restart");
                 st.failed = Some(e);
+                s.poisoned.store(true, Ordering::Release);
             }
         }
         s.cp_cv.notify_all();
