@@ -52,6 +52,65 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub iscsi: IscsiSection,
+    /// HA pair membership; absent for a single node.
+    #[serde(default)]
+    pub pair: Option<PairSection>,
+}
+
+/// This node's half of an HA pair (see `examples/pair/`). Paths are relative
+/// to the directory of the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+// ADAPTER: partner_config, partner_data_dir and auto_takeover are read by
+// the takeover wiring that lands next; until then only validated.
+#[allow(dead_code)]
+pub struct PairSection {
+    /// This node's name ("a" or "b" in `nvtarget pair up`).
+    pub node: String,
+    /// The partner's name.
+    pub partner: String,
+    /// `ADDR:PORT` this node listens on for the partner's mirror stream and
+    /// forwarded commands.
+    pub interconnect: String,
+    /// `ADDR:PORT` of the partner's interconnect listener.
+    pub partner_interconnect: String,
+    /// The partner's portal: the address this node takes over.
+    pub partner_portal: String,
+    /// The partner's configuration file (its targets are served here after a
+    /// takeover, and as ALUA active/non-optimized paths meanwhile).
+    pub partner_config: PathBuf,
+    /// The partner's data directory on shared storage (its aggregate and its
+    /// mailbox).
+    pub partner_data_dir: PathBuf,
+    /// TCP connections per direction (`interconnect.paths`).
+    #[serde(default = "one_path")]
+    pub paths: u8,
+    /// Heartbeat interval on the interconnect and in the mailbox.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Missed heartbeats before the partner counts as silent.
+    #[serde(default = "default_missed")]
+    pub missed_heartbeats: u32,
+    /// Take over automatically when the partner fails (default); false
+    /// leaves it to `nvtarget pair takeover`.
+    #[serde(default = "yes")]
+    pub auto_takeover: bool,
+}
+
+fn one_path() -> u8 {
+    1
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+
+fn default_missed() -> u32 {
+    10
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -400,6 +459,50 @@ impl Config {
                         ))
                     }
                 }
+            }
+        }
+        if let Some(p) = &self.pair {
+            for (key, v) in [
+                ("pair.interconnect", &p.interconnect),
+                ("pair.partner_interconnect", &p.partner_interconnect),
+                ("pair.partner_portal", &p.partner_portal),
+            ] {
+                if v.parse::<SocketAddr>().is_err() {
+                    return Err(invalid(key.into(), format!("{v:?} is not ADDR:PORT")));
+                }
+            }
+            if p.node.is_empty() || p.node == p.partner {
+                return Err(invalid(
+                    "pair.partner".into(),
+                    "the two nodes of a pair need two different, non-empty names".into(),
+                ));
+            }
+            if !(1..=8).contains(&p.paths) {
+                return Err(invalid("pair.paths".into(), "must be 1 to 8".into()));
+            }
+            if !(10..=10_000).contains(&p.heartbeat_ms) {
+                return Err(invalid(
+                    "pair.heartbeat_ms".into(),
+                    "must be 10 to 10000".into(),
+                ));
+            }
+            if !(2..=100).contains(&p.missed_heartbeats) {
+                return Err(invalid(
+                    "pair.missed_heartbeats".into(),
+                    "must be 2 to 100".into(),
+                ));
+            }
+            if self
+                .targets
+                .iter()
+                .flat_map(|t| &t.luns)
+                .any(|l| l.backend != Backend::Store)
+            {
+                return Err(invalid(
+                    "pair".into(),
+                    "every LUN of a pair node must use the store backend (only the log is mirrored)"
+                        .into(),
+                ));
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ mod datadir;
 mod filedev;
 mod metrics;
 mod node;
+mod pair;
 mod portal;
 mod prstore;
 mod storedev;
@@ -50,6 +51,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NvramCmd,
     },
+    /// A local HA pair of two processes (node a on 127.0.0.1, b on 127.0.0.2).
+    Pair {
+        #[command(subcommand)]
+        cmd: PairCmd,
+    },
     /// Aggregate tools: `check` verifies everything, `space` reports usage.
     Aggr {
         #[command(flatten)]
@@ -94,6 +100,35 @@ enum NvramCmd {
     Dump {
         #[command(flatten)]
         dir: DataDirArg,
+    },
+}
+
+/// Where a local pair lives: `DIR/a`, `DIR/b`, their configs, PIDs, logs.
+#[derive(clap::Args)]
+struct PairDirArg {
+    #[arg(
+        long = "data-dir",
+        global = true,
+        value_name = "DIR",
+        default_value = "nvtarget-pair"
+    )]
+    path: PathBuf,
+    /// iSCSI port of both portals; the interconnects use PORT + 10.
+    #[arg(long, global = true, default_value_t = 3260)]
+    port: u16,
+}
+
+#[derive(Subcommand)]
+enum PairCmd {
+    /// Write both nodes' configurations and start both processes.
+    Up {
+        #[command(flatten)]
+        dir: PairDirArg,
+    },
+    /// Stop both nodes (SIGTERM, then wait).
+    Down {
+        #[command(flatten)]
+        dir: PairDirArg,
     },
 }
 
@@ -186,6 +221,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Pair { cmd } => match cmd {
+            PairCmd::Up { dir } => pair::up(&pair::PairSpec::local(&dir.path, dir.port)),
+            PairCmd::Down { dir } => pair::down(&pair::PairSpec::local(&dir.path, dir.port)),
+        },
         Cmd::Config {
             cmd: ConfigCmd::Default,
         } => {
