@@ -43,7 +43,8 @@ pub use dump::dump;
 pub use error::{Error, Result};
 pub use layout::{Layout, DEFAULT_REGION_SIZE, REGION_FILE};
 pub use log::{
-    region_path, CpTicket, Durability, Log, LogStats, RegionConfig, Replay, DEFAULT_CP_INTERVAL,
+    region_path, Appended, CpTicket, Durability, Log, LogStats, RegionConfig, Replay,
+    DEFAULT_CP_INTERVAL,
 };
 pub use medium::{CrashMode, FaultMedium, FileMedium, LogMedium};
 pub use mmap::MmapMedium;

@@ -414,6 +414,18 @@ impl Log {
             .map(|(s, ())| s)
     }
 
+    /// `append_with`, telling `apply` where the record lives (for the
+    /// mirror, which sends the same bytes to the same offset of the
+    /// partner's PARTNER portion). `apply` runs in seq order.
+    pub fn append_with_at<R>(
+        &self,
+        meta: &RecordMeta,
+        data: &[u8],
+        apply: impl FnOnce(Appended) -> R,
+    ) -> Result<(Seq, R)> {
+        self.append_inner(meta, data, true, apply)
+    }
+
     /// Appends a record; once it (and every earlier record) is durable, runs
     /// `apply(seq)` -- in seq order with respect to every other append's
     /// `apply` -- and returns. A CP ticket covering `seq` is only handed out
@@ -425,7 +437,7 @@ impl Log {
         data: &[u8],
         apply: impl FnOnce(Seq) -> R,
     ) -> Result<(Seq, R)> {
-        self.append_inner(meta, data, true, apply)
+        self.append_inner(meta, data, true, |a| apply(a.seq))
     }
 
     /// `ordered`: run `apply` only after every earlier record's `apply`
@@ -435,7 +447,7 @@ impl Log {
         meta: &RecordMeta,
         data: &[u8],
         ordered: bool,
-        apply: impl FnOnce(Seq) -> R,
+        apply: impl FnOnce(Appended) -> R,
     ) -> Result<(Seq, R)> {
         let len = record::encoded_len(data.len());
         if len > self.layout.half_capacity() {
@@ -479,7 +491,11 @@ impl Log {
             self.turn_cv[seq as usize % TURN_SLOTS].wait(&mut st);
         }
         drop(st);
-        let r = apply(seq);
+        let r = apply(Appended {
+            seq,
+            offset: off - self.layout.local_off(),
+            len: record::RECORD_HEADER_LEN as u64 + data.len() as u64,
+        });
         drop(pending);
         Ok((seq, r))
     }
@@ -736,6 +752,43 @@ impl Log {
         }
     }
 
+    /// `len` bytes of the LOCAL portion at `offset` (relative to it): a
+    /// record as `append_with_at` placed it, for the mirror.
+    pub fn local_read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let size = self.layout.local_len();
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => {}
+            _ => {
+                return Err(Error::OutOfRange {
+                    offset,
+                    len: len as u64,
+                    size,
+                })
+            }
+        }
+        let mut buf = vec![0; len];
+        self.medium
+            .read_at(self.layout.local_off() + offset, &mut buf)
+            .map_err(Error::io("reading the local portion"))?;
+        Ok(buf)
+    }
+
+    /// Every valid record of both halves' current use, in seq order, with
+    /// offsets relative to the LOCAL portion: what the mirror reads back for
+    /// a partner that lacks records no longer in its memory.
+    pub fn local_records(&self) -> Result<Vec<RecordInfo>> {
+        let mut all = Vec::new();
+        for i in 0..2 {
+            let h = scan::scan_half(&*self.medium, &self.layout, i)?;
+            all.extend(h.records.into_iter().map(|mut r| {
+                r.offset -= self.layout.local_off();
+                r
+            }));
+        }
+        all.sort_by_key(|r| r.seq);
+        Ok(all)
+    }
+
     /// Size of the PARTNER portion (where the partner's log is mirrored).
     pub fn partner_len(&self) -> u64 {
         self.layout.partner_len()
@@ -775,6 +828,16 @@ impl Log {
             .sync()
             .map_err(Error::io("syncing the partner portion"))
     }
+}
+
+/// Where `append_with_at` put a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: Seq,
+    /// Offset relative to the LOCAL portion.
+    pub offset: u64,
+    /// Header + data, without the alignment padding.
+    pub len: u64,
 }
 
 /// Clears an append's reservation bookkeeping however the append ends
@@ -902,6 +965,35 @@ mod tests {
             log.append(&meta(0), &too_big),
             Err(Error::RecordTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn append_with_at_reports_where_the_bytes_are() {
+        let m = FaultMedium::new(SMALL);
+        let (log, _) = open_ready(&m, Durability::Process, 0);
+        let mut placed = Vec::new();
+        for i in 0..5u8 {
+            let data = vec![i; 512 * (i as usize + 1)];
+            let (seq, a) = log.append_with_at(&meta(i as u64), &data, |a| a).unwrap();
+            assert_eq!(a.seq, seq);
+            assert_eq!(a.len, 64 + data.len() as u64);
+            placed.push((a, data));
+        }
+        for (a, data) in &placed {
+            let bytes = log.local_read(a.offset, a.len as usize).unwrap();
+            let rec = record::decode(&bytes).unwrap();
+            assert_eq!(rec.seq, a.seq);
+            assert_eq!(&rec.data, data);
+        }
+        let found = log.local_records().unwrap();
+        assert_eq!(
+            found.iter().map(|r| (r.seq, r.offset)).collect::<Vec<_>>(),
+            placed
+                .iter()
+                .map(|(a, _)| (a.seq, a.offset))
+                .collect::<Vec<_>>()
+        );
+        assert!(log.local_read(log.layout().local_len() - 10, 64).is_err());
     }
 
     #[test]
