@@ -3,6 +3,7 @@
 mod config;
 mod datadir;
 mod filedev;
+mod mailbox;
 mod metrics;
 mod node;
 mod pair;
