@@ -61,9 +61,6 @@ pub struct Config {
 /// to the directory of the configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-// ADAPTER: partner_config, partner_data_dir and auto_takeover are read by
-// the takeover wiring that lands next; until then only validated.
-#[allow(dead_code)]
 pub struct PairSection {
     /// This node's name ("a" or "b" in `nvtarget pair up`).
     pub node: String,
@@ -506,6 +503,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The TPGT of the partner's portal in a pair: the other of 1 and 2.
+    pub fn partner_tpgt(&self) -> u16 {
+        match self.portals.first().map_or(1, |p| p.tpgt) {
+            1 => 2,
+            _ => 1,
+        }
     }
 
     /// Replaces the portals with one listening on `addr` (`--listen`).

@@ -49,8 +49,6 @@
 //! does not understand is an error: falling back to the older slot could roll
 //! the epoch back.
 
-#![allow(dead_code)] // ADAPTER: used by the pair node wiring that lands next
-
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;

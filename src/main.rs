@@ -2,12 +2,17 @@
 
 mod config;
 mod datadir;
+mod drill;
 mod filedev;
+mod ha;
+mod interconnect;
 mod mailbox;
 mod metrics;
 mod node;
 mod pair;
+mod partner;
 mod portal;
+mod proxy;
 mod prstore;
 mod storedev;
 
@@ -57,6 +62,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PairCmd,
     },
+    /// Failover drills on a local pair under a verifying iSCSI load: kill
+    /// the owner, kill the partner or cut the interconnect, round after
+    /// round; reports detection, takeover steps, pauses, losses, giveback.
+    Drill(drill::DrillArgs),
     /// Aggregate tools: `check` verifies everything, `space` reports usage.
     Aggr {
         #[command(flatten)]
@@ -130,6 +139,22 @@ enum PairCmd {
     Down {
         #[command(flatten)]
         dir: PairDirArg,
+    },
+    /// Each node's state, epoch, mirroring and mailbox.
+    Status {
+        #[command(flatten)]
+        dir: PairDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return a node's storage from the partner that took it over (the node
+    /// must be running again, waiting for giveback).
+    Giveback {
+        #[command(flatten)]
+        dir: PairDirArg,
+        /// The node whose storage comes back.
+        #[arg(long, default_value = "a")]
+        node: String,
     },
 }
 
@@ -225,7 +250,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Pair { cmd } => match cmd {
             PairCmd::Up { dir } => pair::up(&pair::PairSpec::local(&dir.path, dir.port)),
             PairCmd::Down { dir } => pair::down(&pair::PairSpec::local(&dir.path, dir.port)),
+            PairCmd::Status { dir, json } => {
+                pair::status(&pair::PairSpec::local(&dir.path, dir.port), json)
+            }
+            PairCmd::Giveback { dir, node } => {
+                let n = pair::NODES
+                    .iter()
+                    .position(|x| *x == node)
+                    .with_context(|| format!("--node {node}: the nodes are a and b"))?;
+                let t = pair::giveback(
+                    &pair::PairSpec::local(&dir.path, dir.port),
+                    n,
+                    std::time::Duration::from_secs(120),
+                )?;
+                println!("node {node} serves again after {} ms", t.as_millis());
+                Ok(())
+            }
         },
+        Cmd::Drill(args) => drill::run(args),
         Cmd::Config {
             cmd: ConfigCmd::Default,
         } => {
@@ -248,13 +290,37 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| cfg.node.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
     let _lock = datadir::lock(&data_dir)?;
+    let pair = cfg
+        .pair
+        .as_ref()
+        .map(|p| ha::PairPaths::resolve(p, a.config.as_deref()));
+    // A pair node whose storage its partner took over waits for giveback.
+    let fence = match &pair {
+        Some(p) => {
+            let epoch = ha::wait_until_ours(&p.sec.node, &data_dir)?;
+            let mb = Arc::new(mailbox::Mailbox::open(&data_dir)?);
+            Some((ha::Ha::own_fence(mb, epoch), epoch))
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
         let metrics = metrics::Metrics::new();
-        let node = Arc::new(node::Node::build(cfg.clone(), &data_dir, metrics.clone())?);
+        let node = Arc::new(node::Node::build(
+            cfg.clone(),
+            &data_dir,
+            metrics.clone(),
+            fence.as_ref().map(|(f, _)| f.clone()),
+        )?);
+        let ha = match (&pair, &fence) {
+            (Some(p), Some((_, epoch))) => {
+                Some(ha::Ha::start(node.clone(), p.clone(), &data_dir, *epoch).await?)
+            }
+            _ => None,
+        };
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(addr) = &a.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -268,7 +334,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding portal {}", p.listen))?;
             tracing::info!(portal = %p.listen, "listening");
-            tasks.spawn(portal::serve_portal(listener, node.clone()));
+            tasks.spawn(portal::serve_portal(listener, node.clone(), p.tpgt));
         }
         for t in &cfg.targets {
             tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
@@ -281,6 +347,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             },
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
+                if let Some(h) = &ha {
+                    h.shutdown();
+                }
                 // Without the NVRAM log, a final CP is what keeps the
                 // writes still in the dirty set.
                 let n = node.clone();

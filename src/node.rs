@@ -8,13 +8,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use nvtarget_scsi::{
-    BlockDevice, LunConfig as ScsiLun, ScsiTarget, TargetConfig as ScsiTargetConfig,
+    AluaState, BlockDevice, LunConfig as ScsiLun, PortGroup, ScsiTarget,
+    TargetConfig as ScsiTargetConfig,
 };
+use parking_lot::RwLock;
 
 use crate::config::{parse_size, Backend, ChapSection, Config, NvramDurability};
 use crate::filedev::FileDevice;
 use crate::metrics::{MeteredDevice, Metrics};
-use crate::storedev::{LogOptions, Store, StoreDevice};
+use crate::partner::{LunMapEntry, RemoteTarget};
+use crate::storedev::{Fence, LogOptions, Store, StoreDevice};
 
 /// Whether an initiator may log in to a target.
 #[derive(Debug, Clone)]
@@ -42,23 +45,57 @@ impl From<&ChapSection> for ChapConfig {
     }
 }
 
-struct TargetEntry {
+pub struct TargetEntry {
     scsi: Arc<ScsiTarget>,
     allowed: Vec<String>,
     chap: Option<ChapConfig>,
+    /// LUN id -> block size, for the write residual adapter in the portal.
+    block_sizes: Vec<(u64, u32)>,
+}
+
+/// A partner's target presented here (see `partner.rs`).
+pub struct RemoteEntry {
+    pub target: Arc<RemoteTarget>,
+    pub allowed: Vec<String>,
+    pub chap: Option<ChapConfig>,
+    pub block_sizes: Vec<(u64, u32)>,
 }
 
 pub struct Node {
-    targets: BTreeMap<String, TargetEntry>,
+    /// This node's targets, and the partner's while taken over.
+    targets: RwLock<BTreeMap<String, TargetEntry>>,
+    /// The partner's targets while it serves them (a local target of the
+    /// same name, after a takeover, wins).
+    remote: RwLock<BTreeMap<String, RemoteEntry>>,
     /// "ADDR:PORT,TPGT" of every portal, for SendTargets.
-    portal_addrs: Vec<String>,
+    portal_addrs: RwLock<Vec<String>>,
     config: Config,
     store: Option<Arc<Store>>,
+    metrics: Arc<Metrics>,
+}
+
+/// ALUA placement of a target in a pair: which port groups exist and which
+/// one is this node's. Port group N holds relative port N (= the portal's
+/// TPGT).
+#[derive(Clone, Copy, Debug)]
+pub struct AluaLayout {
+    /// The TPGT of the owner's portal.
+    pub owner_group: u16,
+    /// The TPGT of the partner's portal, if in a pair.
+    pub partner_group: Option<u16>,
+    /// State of the partner's group (standby while the partner does not
+    /// serve this target; active/optimized after a takeover).
+    pub partner_state: AluaState,
 }
 
 impl Node {
     /// Opens every LUN's storage and builds the SCSI targets.
-    pub fn build(config: Config, data_dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Node> {
+    pub fn build(
+        config: Config,
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+        fence: Option<Arc<dyn Fence>>,
+    ) -> anyhow::Result<Node> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         let needs_store = config
@@ -67,91 +104,38 @@ impl Node {
             .flat_map(|t| &t.luns)
             .any(|l| l.backend == Backend::Store);
         let store = if needs_store {
-            Some(Store::open(
-                data_dir,
+            let aggr = Store::mount(
+                &nvtarget_lun::cli::aggr_path(data_dir),
                 config.aggregate_size(),
-                LogOptions {
-                    size: config.nvram_size(),
-                    durability: match config.node.nvram_durability {
-                        NvramDurability::Process => nvtarget_nvram::Durability::Process,
-                        NvramDurability::Power => nvtarget_nvram::Durability::Power,
-                    },
-                },
+                fence,
+            )?;
+            Some(Store::with_log(
+                aggr,
+                &nvtarget_nvram::region_path(data_dir),
+                log_options(&config),
                 metrics.clone(),
             )?)
         } else {
             None
         };
-        let mut targets = BTreeMap::new();
-        for t in &config.targets {
-            let mut luns = Vec::new();
-            for l in &t.luns {
-                // validated by Config::parse
-                let size = parse_size(&l.size).unwrap_or(0);
-                let device: Arc<dyn BlockDevice> = match l.backend {
-                    Backend::Store => {
-                        let store = store
-                            .clone()
-                            .context("store backend without an aggregate")?;
-                        let id = store
-                            .ensure_lun(&l.name(), size, l.block_size)
-                            .with_context(|| format!("LUN {} of {}", l.id, t.name))?;
-                        Arc::new(StoreDevice::new(store, id, l.block_size))
-                    }
-                    Backend::File => {
-                        let dir = data_dir.join("luns").join(file_safe(&t.name));
-                        std::fs::create_dir_all(&dir)
-                            .with_context(|| format!("creating {}", dir.display()))?;
-                        let path = dir.join(format!("{}.img", l.name()));
-                        Arc::new(
-                            FileDevice::open(&path, size, l.block_size)
-                                .with_context(|| format!("opening LUN image {}", path.display()))?,
-                        )
-                    }
-                    Backend::Memory => Arc::new(nvtarget_scsi::MemDevice::new(
-                        size / l.block_size as u64,
-                        l.block_size,
-                    )),
-                };
-                let device: Arc<dyn BlockDevice> =
-                    Arc::new(MeteredDevice::new(device, &metrics, &t.name, l.id));
-                let serial = serial_for(&t.name, l.id);
-                luns.push(ScsiLun {
-                    id: l.id,
-                    device,
-                    vendor: "NVTARGET".into(),
-                    product: "nvtarget LUN".into(),
-                    serial: serial.clone(),
-                    naa_id: naa_for(&t.name, l.id),
-                    removable: l.removable,
-                    read_only: l.read_only,
-                    pr_store: Some(Arc::new(crate::prstore::FilePrStore::new(
-                        data_dir
-                            .join("pr")
-                            .join(format!("{}-{}.pr", file_safe(&t.name), l.id)),
-                    ))),
-                });
-            }
-            let scsi = ScsiTarget::new(ScsiTargetConfig::single_port(&t.name), luns);
-            targets.insert(
-                t.name.clone(),
-                TargetEntry {
-                    scsi: Arc::new(scsi),
-                    allowed: t.allowed_initiators.clone(),
-                    chap: t.chap.as_ref().map(ChapConfig::from),
-                },
-            );
-        }
+        let alua = config.pair.as_ref().map(|_| AluaLayout {
+            owner_group: config.portals.first().map_or(1, |p| p.tpgt),
+            partner_group: Some(config.partner_tpgt()),
+            partner_state: AluaState::ActiveNonOptimized,
+        });
+        let targets = build_targets(&config, store.as_ref(), data_dir, &metrics, alua)?;
         let portal_addrs = config
             .portals
             .iter()
             .map(|p| format!("{},{}", p.listen, p.tpgt))
             .collect();
         Ok(Node {
-            targets,
-            portal_addrs,
+            targets: RwLock::new(targets.into_iter().collect()),
+            remote: RwLock::new(BTreeMap::new()),
+            portal_addrs: RwLock::new(portal_addrs),
             config,
             store,
+            metrics,
         })
     }
 
@@ -167,33 +151,222 @@ impl Node {
         &self.config
     }
 
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The SCSI side of a target.
     pub fn target(&self, name: &str) -> Option<Arc<ScsiTarget>> {
-        self.targets.get(name).map(|t| t.scsi.clone())
+        self.targets.read().get(name).map(|t| t.scsi.clone())
+    }
+
+    /// A partner's target presented here, unless served locally.
+    pub fn remote(&self, name: &str) -> Option<Arc<RemoteTarget>> {
+        self.remote.read().get(name).map(|r| r.target.clone())
+    }
+
+    pub fn set_remote(&self, entries: Vec<(String, RemoteEntry)>) {
+        *self.remote.write() = entries.into_iter().collect();
+    }
+
+    /// Names of the targets served now.
+    pub fn target_names(&self) -> Vec<String> {
+        self.targets.read().keys().cloned().collect()
+    }
+
+    /// LUN id -> block size of a target's LUNs.
+    pub fn block_sizes(&self, name: &str) -> Vec<(u64, u32)> {
+        if let Some(t) = self.targets.read().get(name) {
+            return t.block_sizes.clone();
+        }
+        self.remote
+            .read()
+            .get(name)
+            .map(|t| t.block_sizes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Serves `targets` too (a takeover).
+    pub fn add_targets(&self, targets: Vec<(String, TargetEntry)>) {
+        self.targets.write().extend(targets);
+    }
+
+    /// Stops serving the named targets (a giveback); returns what was removed.
+    pub fn remove_targets(&self, names: &[String]) -> Vec<Arc<ScsiTarget>> {
+        let mut t = self.targets.write();
+        names
+            .iter()
+            .filter_map(|n| t.remove(n).map(|e| e.scsi))
+            .collect()
+    }
+
+    /// Sets the ALUA state of port group `group` on every target served.
+    pub fn set_alua_state(&self, group: u16, state: AluaState) {
+        for t in self.targets.read().values() {
+            t.scsi.set_alua_state(group, state);
+        }
+    }
+
+    pub fn add_portal_addr(&self, addr: String) {
+        let mut p = self.portal_addrs.write();
+        if !p.contains(&addr) {
+            p.push(addr);
+        }
+    }
+
+    pub fn remove_portal_addr(&self, addr: &str) {
+        self.portal_addrs.write().retain(|a| a != addr);
     }
 
     pub fn target_access(&self, target: &str, initiator: &str) -> Access {
-        match self.targets.get(target) {
-            None => Access::NotFound,
-            Some(t) if !allowed(&t.allowed, initiator) => Access::Denied,
-            Some(t) => Access::Allowed {
-                chap: t.chap.clone(),
+        let (allowed_list, chap) = match self.targets.read().get(target) {
+            Some(t) => (t.allowed.clone(), t.chap.clone()),
+            None => match self.remote.read().get(target) {
+                Some(r) => (r.allowed.clone(), r.chap.clone()),
+                None => return Access::NotFound,
             },
+        };
+        if allowed(&allowed_list, initiator) {
+            Access::Allowed { chap }
+        } else {
+            Access::Denied
         }
     }
 
     /// Targets `initiator` may see, each with the portals serving it.
     pub fn visible_targets(&self, initiator: &str) -> Vec<(String, Vec<String>)> {
-        self.targets
+        let portals = self.portal_addrs.read().clone();
+        let mut v: BTreeMap<String, Vec<String>> = self
+            .targets
+            .read()
             .iter()
             .filter(|(_, t)| allowed(&t.allowed, initiator))
-            .map(|(n, _)| (n.clone(), self.portal_addrs.clone()))
-            .collect()
+            .map(|(n, _)| (n.clone(), portals.clone()))
+            .collect();
+        for (n, r) in self.remote.read().iter() {
+            if allowed(&r.allowed, initiator) {
+                v.entry(n.clone()).or_insert_with(|| portals.clone());
+            }
+        }
+        v.into_iter().collect()
+    }
+
+    /// Whether writes wait for something slow (a partner's mirror ack, a
+    /// device sync): then sessions run their I/O concurrently.
+    pub fn offload_io(&self) -> bool {
+        self.config.pair.is_some() || self.config.node.nvram_durability == NvramDurability::Power
     }
 
     pub fn iscsi_params(&self) -> &crate::config::IscsiSection {
         &self.config.iscsi
     }
+}
+
+pub fn log_options(config: &Config) -> LogOptions {
+    LogOptions {
+        size: config.nvram_size(),
+        durability: match config.node.nvram_durability {
+            NvramDurability::Process => nvtarget_nvram::Durability::Process,
+            NvramDurability::Power => nvtarget_nvram::Durability::Power,
+        },
+    }
+}
+
+/// The SCSI targets of `config` over `store` (LUN images and PR state under
+/// `data_dir`, which is the partner's after a takeover).
+pub fn build_targets(
+    config: &Config,
+    store: Option<&Arc<Store>>,
+    data_dir: &Path,
+    metrics: &Arc<Metrics>,
+    alua: Option<AluaLayout>,
+) -> anyhow::Result<Vec<(String, TargetEntry)>> {
+    let mut targets = Vec::new();
+    let mut lun_map = Vec::new();
+    for t in &config.targets {
+        let mut luns = Vec::new();
+        for l in &t.luns {
+            // validated by Config::parse
+            let size = parse_size(&l.size).unwrap_or(0);
+            let device: Arc<dyn BlockDevice> = match l.backend {
+                Backend::Store => {
+                    let store = store.context("store backend without an aggregate")?;
+                    let id = store
+                        .ensure_lun(&l.name(), size, l.block_size)
+                        .with_context(|| format!("LUN {} of {}", l.id, t.name))?;
+                    lun_map.push(LunMapEntry {
+                        target: t.name.clone(),
+                        lun: l.id,
+                        aggr_lun: id,
+                        block_size: l.block_size,
+                    });
+                    Arc::new(StoreDevice::new(store.clone(), id, l.block_size))
+                }
+                Backend::File => {
+                    let dir = data_dir.join("luns").join(file_safe(&t.name));
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    let path = dir.join(format!("{}.img", l.name()));
+                    Arc::new(
+                        FileDevice::open(&path, size, l.block_size)
+                            .with_context(|| format!("opening LUN image {}", path.display()))?,
+                    )
+                }
+                Backend::Memory => Arc::new(nvtarget_scsi::MemDevice::new(
+                    size / l.block_size as u64,
+                    l.block_size,
+                )),
+            };
+            let device: Arc<dyn BlockDevice> =
+                Arc::new(MeteredDevice::new(device, metrics, &t.name, l.id));
+            let serial = serial_for(&t.name, l.id);
+            luns.push(ScsiLun {
+                id: l.id,
+                device,
+                vendor: "NVTARGET".into(),
+                product: "nvtarget LUN".into(),
+                serial: serial.clone(),
+                naa_id: naa_for(&t.name, l.id),
+                removable: l.removable,
+                read_only: l.read_only,
+                pr_store: Some(Arc::new(crate::prstore::FilePrStore::new(
+                    data_dir
+                        .join("pr")
+                        .join(format!("{}-{}.pr", file_safe(&t.name), l.id)),
+                ))),
+            });
+        }
+        let mut tc = ScsiTargetConfig::single_port(&t.name);
+        if let Some(a) = alua {
+            tc.port_groups = vec![PortGroup::new(
+                a.owner_group,
+                AluaState::ActiveOptimized,
+                vec![a.owner_group],
+            )];
+            if let Some(g) = a.partner_group {
+                tc.port_groups
+                    .push(PortGroup::new(g, a.partner_state, vec![g]));
+            }
+        }
+        let scsi = ScsiTarget::new(tc, luns);
+        targets.push((
+            t.name.clone(),
+            TargetEntry {
+                scsi: Arc::new(scsi),
+                allowed: t.allowed_initiators.clone(),
+                chap: t.chap.as_ref().map(ChapConfig::from),
+                block_sizes: t.luns.iter().map(|l| (l.id, l.block_size)).collect(),
+            },
+        ));
+    }
+    if config.pair.is_some() {
+        crate::partner::publish_lun_map(data_dir, &lun_map);
+    }
+    Ok(targets)
 }
 
 fn allowed(list: &[String], initiator: &str) -> bool {

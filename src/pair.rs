@@ -210,37 +210,45 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
 }
 
 /// `nvtarget pair up`: configs, both processes, both portals listening.
+/// A node already running is left alone (so `up` also restarts the one that
+/// failed; it then waits for `pair giveback`).
 pub fn up(spec: &PairSpec) -> anyhow::Result<()> {
-    for (n, name) in NODES.iter().enumerate() {
-        if let Some(pid) = read_pid(spec, n).filter(|&p| alive(p)) {
-            anyhow::bail!(
-                "node {name} is already running (pid {pid}, {}); `nvtarget pair down` first",
-                spec.pid_path(n).display()
-            );
-        }
-    }
     spec.write_configs()?;
     let exe = std::env::current_exe().context("locating the nvtarget binary")?;
-    let mut pids = [0; 2];
-    for (n, pid) in pids.iter_mut().enumerate() {
-        *pid = spec.spawn(n, &exe)?;
-    }
     for (n, name) in NODES.iter().enumerate() {
-        if !wait_listening(spec.portal[n], Duration::from_secs(60)) {
-            anyhow::bail!(
-                "node {name} (pid {}) did not open its portal {} within 60 s; see {}",
-                pids[n],
-                spec.portal[n],
-                spec.log_path(n).display()
-            );
+        if let Some(pid) = read_pid(spec, n).filter(|&p| alive(p)) {
+            println!("node {name} already running (pid {pid})");
+            continue;
         }
-        println!(
-            "node {name} pid {} portal {} target {} (log {})",
-            pids[n],
-            spec.portal[n],
-            PairSpec::target_name(n),
-            spec.log_path(n).display()
-        );
+        let pid = spec.spawn(n, &exe)?;
+        // A node whose storage is taken over has no portal until giveback.
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if wait_listening(spec.portal[n], Duration::from_millis(200)) {
+                println!(
+                    "node {name} pid {pid} portal {} target {} (log {})",
+                    spec.portal[n],
+                    PairSpec::target_name(n),
+                    spec.log_path(n).display()
+                );
+                break;
+            }
+            if read_status(spec, n)
+                .is_some_and(|s| s["state"] == "waiting-giveback" && s["pid"] == pid)
+            {
+                println!(
+                    "node {name} pid {pid} is up and waiting for its storage: `nvtarget pair giveback --node {name}`"
+                );
+                break;
+            }
+            if !alive(pid) || Instant::now() > end {
+                anyhow::bail!(
+                    "node {name} (pid {pid}) did not open its portal {}; see {}",
+                    spec.portal[n],
+                    spec.log_path(n).display()
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -267,9 +275,123 @@ pub fn down(spec: &PairSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node's `status.json`, if it wrote one.
+pub fn read_status(spec: &PairSpec, node: usize) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(spec.data_dir(node).join(crate::ha::STATUS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether `node` serves its own target again, according to its status.
+fn serves_own(spec: &PairSpec, node: usize) -> bool {
+    read_status(spec, node).is_some_and(|s| {
+        s["state"]
+            .as_str()
+            .is_some_and(|st| st.starts_with("serving"))
+            && s["pid"].as_u64().map(|p| p as u32) == read_pid(spec, node)
+            && s["serving"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|t| t.as_str() == Some(&PairSpec::target_name(node)))
+            })
+    })
+}
+
+/// Asks the node that took over `node`'s storage to give it back; returns
+/// once `node` serves again. `node` must be running (waiting for giveback).
+pub fn giveback(spec: &PairSpec, node: usize, timeout: Duration) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mb = crate::mailbox::Mailbox::open(&spec.data_dir(node))?;
+    let s = mb.read()?;
+    if s.taken_over_by.is_none() {
+        anyhow::bail!(
+            "node {}'s storage is not taken over: nothing to give back",
+            NODES[node]
+        );
+    }
+    mb.update(|s| s.giveback_requested = true)?;
+    while t0.elapsed() < timeout {
+        if mb.read()?.taken_over_by.is_none() && serves_own(spec, node) {
+            return Ok(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!(
+        "node {} does not serve again {} s after the giveback request (is it running? see {})",
+        NODES[node],
+        timeout.as_secs(),
+        spec.log_path(node).display()
+    )
+}
+
+/// `nvtarget pair status`: each node's role, state, epoch and mailbox.
+pub fn status(spec: &PairSpec, json: bool) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for (n, name) in NODES.iter().enumerate() {
+        let pid = read_pid(spec, n);
+        let running = pid.is_some_and(alive);
+        let st = read_status(spec, n);
+        let mb = crate::mailbox::Mailbox::open(&spec.data_dir(n))
+            .and_then(|m| m.read())
+            .ok();
+        if json {
+            all.push(serde_json::json!({
+                "node": name, "pid": pid, "running": running, "status": st, "mailbox": mb,
+            }));
+            continue;
+        }
+        let field = |k: &str| {
+            st.as_ref()
+                .map(|s| s[k].to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "node {name}: pid {} {} state {} mirrored {} epoch {} serving {}",
+            pid.map_or("-".into(), |p| p.to_string()),
+            if running { "running" } else { "not running" },
+            field("state"),
+            field("mirrored"),
+            field("epoch"),
+            field("serving"),
+        );
+        if let Some(m) = mb {
+            println!(
+                "  mailbox: epoch {} heartbeat {} ({} ms ago) owner {:?} unmirrored {} taken over by {}",
+                m.epoch,
+                m.heartbeat,
+                crate::ha::unix_ms().saturating_sub(m.heartbeat_unix_ms),
+                m.owner_state,
+                m.unmirrored,
+                m.taken_over_by.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn example_pair_configs_are_what_pair_up_writes() {
+        let spec = PairSpec::local(Path::new("examples/pair"), 3260);
+        for (n, name) in NODES.iter().enumerate() {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/pair")
+                .join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let example = crate::config::Config::parse(&text, "example").unwrap();
+            let generated = crate::config::Config::parse(&spec.config_text(n), "gen").unwrap();
+            assert_eq!(
+                format!("{example:?}"),
+                format!("{generated:?}"),
+                "{}",
+                path.display()
+            );
+        }
+    }
 
     #[test]
     fn generated_configs_parse_and_point_at_each_other() {

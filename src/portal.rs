@@ -36,9 +36,10 @@ use tokio::sync::{watch, Notify};
 use crate::node::{Access, Node};
 
 /// Accepts connections forever; each gets its own task.
-pub async fn serve_portal(listener: TcpListener, node: Arc<Node>) -> anyhow::Result<()> {
+/// Serves iSCSI on `listener`; `tpgt` is the portal group tag (and the
+/// relative port of every session through it).
+pub async fn serve_portal(listener: TcpListener, node: Arc<Node>, tpgt: u16) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    let tpgt = portal_tpgt(&node, local);
     let params = target_params(&node);
     let directory: Arc<dyn TargetDirectory> = Arc::new(NodeDirectory { node: node.clone() });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -70,16 +71,6 @@ pub async fn serve_portal(listener: TcpListener, node: Arc<Node>) -> anyhow::Res
             drop(slot);
         });
     }
-}
-
-fn portal_tpgt(node: &Node, local: SocketAddr) -> u16 {
-    node.config()
-        .portals
-        .iter()
-        .find(|p| p.listen.parse::<SocketAddr>().ok() == Some(local))
-        .or_else(|| node.config().portals.first())
-        .map(|p| p.tpgt)
-        .unwrap_or(1)
 }
 
 fn target_params(node: &Node) -> TargetParams {
@@ -178,7 +169,7 @@ impl TargetDirectory for NodeDirectory {
 }
 
 /// Asks every other connection logged in to `target` to close.
-fn close_target_sessions(target: &str, except_conn: u64) {
+pub(crate) fn close_target_sessions(target: &str, except_conn: u64) {
     for e in SESSIONS
         .lock()
         .iter()
@@ -195,10 +186,32 @@ fn runs_long(cdb: &[u8]) -> bool {
     matches!(cdb.first(), Some(0x48 | 0x83 | 0x41 | 0x93 | 0x04))
 }
 
+/// SIMPLE READ and WRITE (6/10/12/16): what may run concurrently.
+fn offloadable(cmd: &Command) -> bool {
+    cmd.attr == TaskAttr::Simple
+        && matches!(
+            cmd.cdb.first(),
+            Some(0x08 | 0x28 | 0xa8 | 0x88 | 0x0a | 0x2a | 0xaa | 0x8a)
+        )
+}
+
+fn spawn_io(
+    b: Bound,
+    cmd: Command,
+    tx: tokio::sync::mpsc::UnboundedSender<(u32, Completion, bool)>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let c = execute(&b, &cmd);
+        let _ = tx.send((cmd.itt, c, true));
+    });
+}
+
 /// What a logged-in normal session executes against.
 #[derive(Clone)]
 struct Bound {
     target: Arc<ScsiTarget>,
+    /// Set for the partner's targets (forwarded / live-replayed).
+    remote: Option<Arc<crate::partner::RemoteTarget>>,
     nexus: ItNexus,
     key: SessionKey,
     /// LUN id -> block size, for the write residual adapter.
@@ -273,8 +286,16 @@ async fn run_connection(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut bound: Option<Bound> = None;
     let mut out: VecDeque<Bytes> = VecDeque::new();
-    // Completions of commands run on the blocking pool (see `runs_long`).
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Completion)>();
+    // Completions of commands run on the blocking pool (see `runs_long`),
+    // flagged when they count in `io_inflight`.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Completion, bool)>();
+    // Writes that wait for a mirror ack or a device sync would serialize a
+    // session if run inline: then plain I/O runs on the blocking pool, many
+    // at once, and everything else waits until those are done (so ORDERED
+    // tasks, TMFs' view and cache flushes keep their order).
+    let offload = node.offload_io();
+    let mut io_inflight = 0usize;
+    let mut held: VecDeque<Command> = VecDeque::new();
 
     let reason = 'conn: loop {
         while let Some(ev) = conn.poll_event() {
@@ -283,10 +304,22 @@ async fn run_connection(
                     log_login(peer, &info);
                     if info.session_type == SessionType::Normal {
                         let name = info.target_name.clone().unwrap_or_default();
-                        let Some(target) = node.target(&name) else {
-                            // Removed between lookup and now.
-                            conn.close(CloseReason::ProtocolError("target vanished"));
-                            continue;
+                        let (target, remote) = match (node.target(&name), node.remote(&name)) {
+                            (Some(t), _) => (t, None),
+                            // The partner's target: commands go to `RemoteTarget`;
+                            // the SCSI target here is an empty stand-in.
+                            (None, Some(r)) => (
+                                Arc::new(ScsiTarget::new(
+                                    nvtarget_scsi::TargetConfig::new(name.clone()),
+                                    Vec::new(),
+                                )),
+                                Some(r),
+                            ),
+                            (None, None) => {
+                                // Removed between lookup and now.
+                                conn.close(CloseReason::ProtocolError("target vanished"));
+                                continue;
+                            }
                         };
                         let key = SessionKey {
                             initiator: info.initiator_name.to_ascii_lowercase(),
@@ -303,15 +336,10 @@ async fn run_connection(
                             peer,
                         )
                         .await;
-                        let block_sizes = node
-                            .config()
-                            .targets
-                            .iter()
-                            .filter(|t| t.name == key.target)
-                            .flat_map(|t| t.luns.iter().map(|l| (l.id, l.block_size)))
-                            .collect();
+                        let block_sizes = node.block_sizes(&key.target).into_iter().collect();
                         bound = Some(Bound {
                             target,
+                            remote,
                             nexus: nexus_for(&info, tpgt),
                             key,
                             block_sizes,
@@ -319,18 +347,43 @@ async fn run_connection(
                     }
                 }
                 Event::Command(cmd) => {
+                    if let Some(r) = bound.as_ref().and_then(|b| b.remote.clone()) {
+                        let nexus = bound.as_ref().map(|b| b.nexus.clone());
+                        let tx = done_tx.clone();
+                        tokio::spawn(async move {
+                            if let Some(nexus) = nexus {
+                                let c = r.execute(&cmd, &nexus).await;
+                                let _ = tx.send((cmd.itt, c, false));
+                            }
+                        });
+                        continue;
+                    }
+                    if let Some(b) = &bound {
+                        // Behind an I/O still running on the pool, anything
+                        // that is not itself a plain I/O waits its turn.
+                        if offload && (!held.is_empty() || (io_inflight > 0 && !offloadable(&cmd)))
+                        {
+                            held.push_back(cmd);
+                            continue;
+                        }
+                        if offload && offloadable(&cmd) {
+                            io_inflight += 1;
+                            spawn_io(b.clone(), cmd, done_tx.clone());
+                            continue;
+                        }
+                    }
                     let c = match &bound {
                         // A command that may run for seconds goes to the
                         // blocking pool, so the connection keeps answering
                         // (TEST UNIT READY during SANITIZE must see it in
-                        // progress). The I/O path stays inline: no thread
-                        // hop per read or write.
+                        // progress). The I/O path stays inline unless the
+                        // device waits for something slow (see `offload`).
                         Some(b) if runs_long(&cmd.cdb) => {
                             let b = b.clone();
                             let tx = done_tx.clone();
                             tokio::task::spawn_blocking(move || {
                                 let c = execute(&b, &cmd);
-                                let _ = tx.send((cmd.itt, c));
+                                let _ = tx.send((cmd.itt, c, false));
                             });
                             continue;
                         }
@@ -402,9 +455,27 @@ async fn run_connection(
             },
             _ = sleep_until(deadline) => conn.handle_timeout(Instant::now()),
             _ = stop.notified() => conn.close(CloseReason::Requested),
-            Some((itt, c)) = done_rx.recv() => {
+            Some((itt, c, io)) = done_rx.recv() => {
                 // Gone if a task management function aborted it meanwhile.
                 let _ = conn.complete(itt, c);
+                if io {
+                    io_inflight -= 1;
+                }
+                // Release what waited for the pool to drain, in order.
+                while let Some(b) = &bound {
+                    let Some(cmd) = held.front() else { break };
+                    if offloadable(cmd) {
+                        let Some(cmd) = held.pop_front() else { break };
+                        io_inflight += 1;
+                        spawn_io(b.clone(), cmd, done_tx.clone());
+                    } else if io_inflight == 0 {
+                        let Some(cmd) = held.pop_front() else { break };
+                        let c = execute(b, &cmd);
+                        let _ = conn.complete(cmd.itt, c);
+                    } else {
+                        break;
+                    }
+                }
             }
         }
     };
@@ -551,7 +622,9 @@ fn write_transfer_len(b: &Bound, cmd: &Command) -> Option<u32> {
 }
 
 fn task_mgmt(b: Option<&Bound>, t: &TaskMgmt, conn: &Connection) -> TmfResponse {
-    let Some(b) = b else {
+    let Some(b) = b.filter(|b| b.remote.is_none()) else {
+        // Discovery sessions; and task management is not forwarded to the
+        // partner that owns a remote target.
         return TmfResponse::NOT_SUPPORTED;
     };
     match t.function {
@@ -612,10 +685,10 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("nvtarget-portal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let node = Arc::new(Node::build(cfg, &dir, crate::metrics::Metrics::new()).unwrap());
+        let node = Arc::new(Node::build(cfg, &dir, crate::metrics::Metrics::new(), None).unwrap());
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(serve_portal(l, node));
+        tokio::spawn(serve_portal(l, node, 1));
         addr
     }
 

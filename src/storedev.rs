@@ -16,13 +16,14 @@
 //! seq, apply every later record in log order, commit a CP, serve.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nvtarget_lun::{AggrOptions, Aggregate, Error as LunError, FileStorage, LunId};
-use nvtarget_nvram::{Durability, Log, Op, RecordMeta, RegionConfig};
+use bytes::Bytes;
+use nvtarget_lun::{AggrOptions, Aggregate, Error as LunError, FileStorage, LunId, Storage};
+use nvtarget_nvram::{Durability, Log, Op, RecordMeta, RegionConfig, Seq};
 use nvtarget_scsi::{BlockDevice, DevError, LbaStatus};
 use parking_lot::{Condvar, Mutex};
 
@@ -40,6 +41,19 @@ pub struct Store {
     /// Mirrors `CpState::failed.is_some()` so the write path checks an
     /// atomic instead of taking the CP mutex on every I/O.
     poisoned: AtomicBool,
+    mirror: OnceLock<Arc<dyn WriteMirror>>,
+    /// Giveback: no more writes (see `close`).
+    closed: AtomicBool,
+    /// Writes between the `closed` check and their answer.
+    inflight: AtomicU64,
+}
+
+struct Gate<'a>(&'a AtomicU64);
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -64,48 +78,115 @@ fn log_err(e: nvtarget_nvram::Error) -> DevError {
     DevError::Io(std::io::Error::other(format!("NVRAM log: {e}")))
 }
 
+/// The HA mirror as the write path sees it: every record goes to the
+/// partner (in seq order, from inside the log's ordered apply), and a write
+/// is answered only once `wait` says the partner has it (or the node decided
+/// to run unmirrored).
+pub trait WriteMirror: Send + Sync {
+    fn submit(&self, seq: Seq, offset: u64, bytes: Bytes);
+    fn wait(&self, seq: Seq) -> Result<(), DevError>;
+    fn cp_done(&self, seq: Seq);
+}
+
+/// Whether this node may still write an aggregate: the takeover fences a
+/// failed node by bumping the epoch in its mailbox, and every aggregate
+/// write checks it.
+pub trait Fence: Send + Sync {
+    fn check(&self) -> std::io::Result<()>;
+}
+
+/// An aggregate's storage whose writes are refused once the node is fenced.
+struct FencedStorage {
+    inner: FileStorage,
+    fence: Arc<dyn Fence>,
+}
+
+impl Storage for FencedStorage {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.fence.check()?;
+        self.inner.set_len(len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.fence.check()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.fence.check()?;
+        self.inner.sync()
+    }
+    fn io_parallelism(&self) -> usize {
+        self.inner.io_parallelism()
+    }
+}
+
 impl Store {
-    /// Opens `DATA_DIR/aggr0.img` (creating a sparse aggregate of
-    /// `size_bytes` on first use) and `DATA_DIR/nvram.img`, and replays the
-    /// log into the aggregate.
-    pub fn open(
-        data_dir: &Path,
+    /// Mounts the aggregate at `path` (creating a sparse one of `size_bytes`
+    /// if the file is missing or empty); with a fence, every write to it
+    /// checks that this node was not fenced off.
+    pub fn mount(
+        path: &Path,
         size_bytes: u64,
-        log_opts: LogOptions,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Arc<Store>> {
-        let path = nvtarget_lun::cli::aggr_path(data_dir);
-        let exists = std::fs::metadata(&path)
+        fence: Option<Arc<dyn Fence>>,
+    ) -> anyhow::Result<Aggregate> {
+        let exists = std::fs::metadata(path)
             .map(|m| m.len() > 0)
             .unwrap_or(false);
-        let storage = FileStorage::open(&path, false)
+        let file = FileStorage::open(path, false)
             .with_context(|| format!("opening aggregate {}", path.display()))?;
-        let aggr = if exists {
-            Aggregate::open(storage)
-                .with_context(|| format!("mounting aggregate {}", path.display()))?
-        } else {
-            Aggregate::create(
-                storage,
-                AggrOptions {
-                    size_bytes,
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("creating aggregate {}", path.display()))?
+        let aggr = match fence {
+            Some(fence) => open_aggr(
+                FencedStorage { inner: file, fence },
+                exists,
+                size_bytes,
+                path,
+            )?,
+            None => open_aggr(file, exists, size_bytes, path)?,
         };
         if let Some(why) = aggr.read_only_reason() {
             tracing::warn!(aggregate = %path.display(), reason = why, "aggregate mounted read-only");
         }
-        let committed = aggr.highest_seq();
-        let (log, mut replay) = Log::open_dir(
-            data_dir,
+        Ok(aggr)
+    }
+
+    /// Opens the log at `log_path` over a mounted aggregate, replays what it
+    /// holds past the aggregate's last CP, commits a CP and starts the CP
+    /// thread. (A takeover first applies the partner's mirrored records and
+    /// commits them, so the log starts above them.)
+    pub fn with_log(
+        aggr: Aggregate,
+        log_path: &Path,
+        log_opts: LogOptions,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Store>> {
+        Store::with_log_from(aggr, log_path, log_opts, metrics, 0)
+    }
+
+    /// `with_log` for a takeover: the partner's records up to `floor` are
+    /// already in the aggregate's dirty set (not yet in a CP), so the log
+    /// issues seqs above them and the first CP covers them.
+    pub fn with_log_from(
+        aggr: Aggregate,
+        log_path: &Path,
+        log_opts: LogOptions,
+        metrics: Arc<Metrics>,
+        floor: Seq,
+    ) -> anyhow::Result<Arc<Store>> {
+        let committed = aggr.highest_seq().max(floor);
+        let (log, mut replay) = Log::open_file(
+            log_path,
             RegionConfig {
                 size: log_opts.size,
                 durability: log_opts.durability,
             },
             committed,
         )
-        .context("opening the NVRAM log")?;
+        .with_context(|| format!("opening the NVRAM log {}", log_path.display()))?;
         if !replay.report.is_clean() {
             tracing::warn!(report = ?replay.report, "NVRAM log scan stopped early; records before the damage are replayed");
         }
@@ -119,9 +200,18 @@ impl Store {
             apply_record(&aggr, &rec);
             aggr.note_applied_seq(rec.seq);
         }
+        let takeover = floor > aggr.highest_seq();
         if let Some(ticket) = replay.take_ticket() {
-            aggr.cp(ticket.seq())
-                .context("consistency point after log replay")?;
+            if takeover && n == 0 {
+                // The partner's records are in the dirty set and stay
+                // covered by its mirrored log until the CP thread commits
+                // them (within CP_INTERVAL): serving must not wait for
+                // that CP.
+                aggr.note_applied_seq(ticket.seq());
+            } else {
+                aggr.cp(ticket.seq())
+                    .context("consistency point after log replay")?;
+            }
             log.cp_done(ticket).context("pruning the replayed log")?;
         }
         tracing::info!(
@@ -138,6 +228,9 @@ impl Store {
             cp: Mutex::new(CpState::default()),
             cp_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
+            mirror: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -145,6 +238,56 @@ impl Store {
             .spawn(move || cp_thread(weak))
             .context("starting the CP thread")?;
         Ok(store)
+    }
+
+    /// From now on every record also goes to `m` and writes wait for it.
+    /// Set once, before the store serves I/O.
+    pub fn set_mirror(&self, m: Arc<dyn WriteMirror>) {
+        let _ = self.mirror.set(m);
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    pub fn aggregate(&self) -> &Aggregate {
+        &self.aggr
+    }
+
+    /// Appends a record (and mirrors it), applying `apply` to the aggregate
+    /// in seq order; returns once the write may be answered.
+    fn log_and_apply<R>(
+        &self,
+        meta: &RecordMeta,
+        data: &[u8],
+        apply: impl FnOnce() -> R,
+    ) -> Result<R, DevError> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let _gate = Gate(&self.inflight);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(DevError::ReadOnly);
+        }
+        let mirror = self.mirror.get();
+        let (seq, r) = self
+            .log
+            .append_with_at(meta, data, |a| {
+                let r = apply();
+                self.aggr.note_applied_seq(a.seq);
+                if let Some(m) = mirror {
+                    match self.log.local_read(a.offset, a.len as usize) {
+                        Ok(bytes) => m.submit(a.seq, a.offset, Bytes::from(bytes)),
+                        Err(e) => {
+                            tracing::error!(seq = a.seq, error = %e, "reading a record back for the mirror")
+                        }
+                    }
+                }
+                r
+            })
+            .map_err(log_err)?;
+        if let Some(m) = mirror {
+            m.wait(seq)?;
+        }
+        Ok(r)
     }
 
     /// The LUN called `name`, created (or grown) to `size` bytes.
@@ -185,6 +328,23 @@ impl Store {
         }
     }
 
+    /// Refuses every write from now on (giveback: the partner takes the
+    /// aggregate back) and waits for the writes already past the gate, so
+    /// the next `checkpoint` holds everything acknowledged.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops the CP thread (after `close` and a last `checkpoint`: the
+    /// aggregate is about to be opened by the other node).
+    pub fn stop_cp(&self) {
+        self.cp.lock().stop = true;
+        self.cp_cv.notify_all();
+    }
+
     fn failed(&self) -> Result<(), DevError> {
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
@@ -196,9 +356,29 @@ impl Store {
     }
 }
 
+fn open_aggr<S: Storage>(
+    storage: S,
+    exists: bool,
+    size_bytes: u64,
+    path: &Path,
+) -> anyhow::Result<Aggregate> {
+    if exists {
+        Aggregate::open(storage).with_context(|| format!("mounting aggregate {}", path.display()))
+    } else {
+        Aggregate::create(
+            storage,
+            AggrOptions {
+                size_bytes,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("creating aggregate {}", path.display()))
+    }
+}
+
 /// Applies one replayed record to the aggregate. A record that can no longer
 /// apply (its LUN was deleted) is reported and skipped.
-fn apply_record(aggr: &Aggregate, rec: &nvtarget_nvram::Record) {
+pub fn apply_record(aggr: &Aggregate, rec: &nvtarget_nvram::Record) {
     let m = &rec.meta;
     let Some(info) = aggr.lun(m.lun) else {
         tracing::warn!(
@@ -261,7 +441,11 @@ fn cp_thread(store: std::sync::Weak<Store>) {
                     .cp(ticket.seq())
                     .map_err(|e| e.to_string())
                     .and_then(|stats| {
+                        let seq = ticket.seq();
                         s.log.cp_done(ticket).map_err(|e| e.to_string())?;
+                        if let Some(m) = s.mirror.get() {
+                            m.cp_done(seq);
+                        }
                         Ok(stats)
                     })
             });
@@ -357,16 +541,9 @@ impl BlockDevice for StoreDevice {
             blocks,
             self.store.aggr.generation(),
         );
-        let (_, r) = self
-            .store
-            .log
-            .append_with(&meta, data, |seq| {
-                let r = self.store.aggr.write(self.lun, off, data);
-                self.store.aggr.note_applied_seq(seq);
-                r
-            })
-            .map_err(log_err)?;
-        r.map_err(|e| dev_err(e, lba))
+        self.store
+            .log_and_apply(&meta, data, || self.store.aggr.write(self.lun, off, data))?
+            .map_err(|e| dev_err(e, lba))
     }
 
     fn flush(&self) -> Result<(), DevError> {
@@ -390,19 +567,13 @@ impl BlockDevice for StoreDevice {
                 self.store.aggr.generation(),
             );
             let at = off + done * self.block_size as u64;
-            let (_, r) = self
-                .store
-                .log
-                .append_with(&meta, &[], |seq| {
-                    let r = self
-                        .store
+            self.store
+                .log_and_apply(&meta, &[], || {
+                    self.store
                         .aggr
-                        .unmap(self.lun, at, n * self.block_size as u64);
-                    self.store.aggr.note_applied_seq(seq);
-                    r
-                })
-                .map_err(log_err)?;
-            r.map_err(|e| dev_err(e, lba + done))?;
+                        .unmap(self.lun, at, n * self.block_size as u64)
+                })?
+                .map_err(|e| dev_err(e, lba + done))?;
             done += n;
         }
         Ok(())

@@ -127,6 +127,11 @@ impl Link {
             .is_some_and(|x| x.up && x.peer.is_some())
     }
 
+    /// The peer's HELLO on path `p`, once received.
+    pub(crate) fn peer(&self, p: PathId) -> Option<Hello> {
+        self.paths.get(p.0 as usize).and_then(|x| x.peer)
+    }
+
     pub(crate) fn ready_paths(&self) -> impl Iterator<Item = PathId> + '_ {
         self.paths
             .iter()

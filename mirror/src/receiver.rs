@@ -73,9 +73,24 @@ impl<P: PartnerStore> Receiver<P> {
     }
 
     /// Refuse owners below this epoch (set after fencing the owner during a
-    /// takeover, so a zombie owner cannot keep mirroring).
+    /// takeover, so a zombie owner cannot keep mirroring). Paths already
+    /// established by an owner below it fail now (GOODBYE `STALE_EPOCH`):
+    /// checking only new HELLOs would let a zombie's open connection go on
+    /// storing, indexing and acking records after the fence.
     pub fn set_min_peer_epoch(&mut self, epoch: u64) {
         self.min_peer_epoch = epoch;
+        for p in self.link.ready_paths().collect::<Vec<_>>() {
+            if let Some(h) = self.link.peer(p).filter(|h| h.epoch < epoch) {
+                self.link.fail_path(
+                    p,
+                    Error::StaleEpoch {
+                        peer: h.epoch,
+                        min: epoch,
+                    },
+                    Some(GoodbyeReason::STALE_EPOCH),
+                );
+            }
+        }
     }
 
     pub fn set_state(&mut self, s: NodeState) {

@@ -626,6 +626,44 @@ fn receiver_refuses_wrong_layout_and_stale_epoch() {
 }
 
 #[test]
+fn fencing_the_owner_cuts_its_established_paths() {
+    let mut p = Pair::new(2, Faults::default(), 11);
+    for _ in 0..5 {
+        p.submit(512);
+    }
+    assert!(p.run_until(|p| p.acked == 5, 1_000));
+    // The takeover fenced the owner (epoch 1) by moving to epoch 2: its
+    // open connections must not go on mirroring.
+    p.r.set_min_peer_epoch(2);
+    p.collect();
+    let stale = p
+        .r_events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::PathFailed {
+                    error: Error::StaleEpoch { peer: 1, min: 2 },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(stale, 2, "{:?}", p.r_events);
+    p.submit(512);
+    p.run_until(|_| false, 200);
+    assert_eq!(p.r.stored_upto(), 5, "a fenced owner's record was stored");
+    assert_eq!(p.acked, 5, "a fenced owner's record was acked");
+    assert!(p.s_events.iter().any(|e| matches!(
+        e,
+        Event::PathFailed {
+            error: Error::Goodbye(GoodbyeReason::STALE_EPOCH),
+            ..
+        }
+    )));
+}
+
+#[test]
 fn store_failure_closes_everything() {
     let mut p = Pair::new(1, Faults::default(), 10);
     p.submit(100);
