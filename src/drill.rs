@@ -30,6 +30,7 @@
 //! on each state change) and `DATA_DIR/takeover.json` ([`TakeoverReport`],
 //! written by the node that took over, once it serves).
 
+use crate::ha::unix_ms;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -180,11 +181,11 @@ pub fn parse_takeover(text: &str) -> Option<TakeoverReport> {
 }
 
 fn status_path(spec: &PairSpec, node: usize) -> PathBuf {
-    spec.data_dir(node).join("status.json")
+    spec.data_dir(node).join(crate::ha::STATUS_FILE)
 }
 
 fn takeover_path(spec: &PairSpec, node: usize) -> PathBuf {
-    spec.data_dir(node).join("takeover.json")
+    spec.data_dir(node).join(crate::ha::TAKEOVER_FILE)
 }
 
 /// The node's status; None while it has written none (or a broken one).
@@ -195,13 +196,6 @@ fn read_status(spec: &PairSpec, node: usize) -> Option<NodeStatus> {
 /// The raw takeover file, to tell a new one from an old one.
 fn read_takeover_raw(spec: &PairSpec, node: usize) -> Option<String> {
     std::fs::read_to_string(takeover_path(spec, node)).ok()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -132,7 +132,9 @@ fn write_status(dir: &Path, s: &Status) {
     write_json(dir, STATUS_FILE, s);
 }
 
-fn write_json(dir: &Path, name: &str, v: &impl Serialize) {
+/// Writes `dir/name` atomically (temporary file, then rename), so readers
+/// never see half a file.
+pub fn write_json(dir: &Path, name: &str, v: &impl Serialize) {
     let tmp = dir.join(format!(".{name}.tmp"));
     let r = serde_json::to_vec_pretty(v)
         .map_err(std::io::Error::other)

@@ -93,7 +93,7 @@ impl RemoteTarget {
             target: self.name.clone(),
             lun: nvtarget_iscsi::lun_id(cmd.lun),
             cdb: cmd.cdb.clone(),
-            attr: scsi_attr(cmd.attr),
+            attr: crate::portal::scsi_attr(cmd.attr),
             data_out: cmd.data_out.clone(),
             expected_in_len: cmd.expected_in_len,
             nexus: ForwardedNexus::from(nexus),
@@ -200,26 +200,7 @@ impl RemoteTarget {
     }
 }
 
-fn scsi_attr(a: nvtarget_iscsi::TaskAttr) -> nvtarget_scsi::TaskAttr {
-    use nvtarget_iscsi::TaskAttr as I;
-    use nvtarget_scsi::TaskAttr as S;
-    match a {
-        I::Untagged => S::Untagged,
-        I::Simple => S::Simple,
-        I::Ordered => S::Ordered,
-        I::HeadOfQueue => S::HeadOfQueue,
-        I::Aca => S::Aca,
-    }
-}
-
 /// Writes `DATA_DIR/luns.json` for the partner's live replay.
 pub fn publish_lun_map(dir: &std::path::Path, entries: &[LunMapEntry]) {
-    let tmp = dir.join(format!(".{LUN_MAP_FILE}.tmp"));
-    let r = serde_json::to_vec_pretty(entries)
-        .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(LUN_MAP_FILE)));
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "cannot publish the LUN map");
-    }
+    crate::ha::write_json(dir, LUN_MAP_FILE, &entries);
 }

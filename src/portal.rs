@@ -563,7 +563,7 @@ async fn write_all(
     Ok(())
 }
 
-fn scsi_attr(a: TaskAttr) -> nvtarget_scsi::TaskAttr {
+pub(crate) fn scsi_attr(a: TaskAttr) -> nvtarget_scsi::TaskAttr {
     match a {
         TaskAttr::Untagged => nvtarget_scsi::TaskAttr::Untagged,
         TaskAttr::Simple => nvtarget_scsi::TaskAttr::Simple,
