@@ -88,6 +88,24 @@ pub fn wait_until_ours(me: &str, data_dir: &Path) -> anyhow::Result<u64> {
     loop {
         let s = mb.read()?;
         match &s.taken_over_by {
+            None if announced => {
+                // Given back: a new epoch fences whatever of the partner's
+                // takeover could still reach our aggregate.
+                let (ok, s) = mb.update(|s| {
+                    if s.taken_over_by.is_some() {
+                        return false;
+                    }
+                    s.epoch += 1;
+                    true
+                })?;
+                if ok {
+                    tracing::info!(
+                        epoch = s.epoch,
+                        "storage given back: serving it under a new epoch"
+                    );
+                    return Ok(s.epoch);
+                }
+            }
             None => return Ok(s.epoch),
             Some(by) => {
                 if !announced {

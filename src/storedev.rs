@@ -58,10 +58,14 @@ impl Drop for Gate<'_> {
 
 #[derive(Default)]
 struct CpState {
-    /// CPs asked for by `checkpoint` (by count).
+    /// CPs asked for by `checkpoint`: the CP numbered `wanted` must run.
     wanted: u64,
+    /// CPs begun (the one in progress, if any, is number `started`).
+    started: u64,
     /// CPs completed.
     done: u64,
+    /// A CP is between `started` and `done`.
+    running: bool,
     /// Set when a CP failed: the aggregate is poisoned, writes fail.
     failed: Option<String>,
     stop: bool,
@@ -315,7 +319,9 @@ impl Store {
     /// Takes a CP that starts after this call and waits for it.
     pub fn checkpoint(&self) -> Result<(), DevError> {
         let mut st = self.cp.lock();
-        let ticket = st.done + if st.wanted > st.done { 2 } else { 1 };
+        // The next CP to begin: one already running may have taken its
+        // snapshot of the dirty blocks before our caller's last write.
+        let ticket = st.started + 1;
         st.wanted = st.wanted.max(ticket);
         self.log.request_cp();
         self.cp_cv.notify_all();
@@ -340,9 +346,16 @@ impl Store {
 
     /// Stops the CP thread (after `close` and a last `checkpoint`: the
     /// aggregate is about to be opened by the other node).
+    /// Stops the CP thread and waits until no CP is running: after this
+    /// returns, nothing of this store writes the aggregate any more (a
+    /// giveback hands it to the partner right after).
     pub fn stop_cp(&self) {
-        self.cp.lock().stop = true;
+        let mut st = self.cp.lock();
+        st.stop = true;
         self.cp_cv.notify_all();
+        while st.running {
+            self.cp_cv.wait(&mut st);
+        }
     }
 
     fn failed(&self) -> Result<(), DevError> {
@@ -421,13 +434,17 @@ fn cp_thread(store: std::sync::Weak<Store>) {
             return;
         }
         let needed = s.log.wait_cp_needed(Duration::from_millis(200));
-        let explicit = {
-            let st = s.cp.lock();
-            st.wanted > st.done
-        };
-        let timer = last.elapsed() >= CP_INTERVAL && s.aggr.dirty_bytes() > 0;
-        if !(needed || explicit || timer) {
-            continue;
+        {
+            let mut st = s.cp.lock();
+            let explicit = st.wanted > st.started;
+            let timer = last.elapsed() >= CP_INTERVAL && s.aggr.dirty_bytes() > 0;
+            // `stop` is checked under the same lock that marks the CP
+            // running, so `stop_cp` never returns with a CP about to begin.
+            if st.stop || !(needed || explicit || timer) {
+                continue;
+            }
+            st.started += 1;
+            st.running = true;
         }
         let t0 = Instant::now();
         s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
@@ -453,7 +470,8 @@ fn cp_thread(store: std::sync::Weak<Store>) {
         s.metrics.cp_duration.observe(t0.elapsed().as_secs_f64());
         s.metrics.dirty_bytes.set(s.aggr.dirty_bytes() as i64);
         let mut st = s.cp.lock();
-        st.done += 1;
+        st.done = st.started;
+        st.running = false;
         match r {
             Ok(stats) => {
                 s.metrics.cp_total.inc();
