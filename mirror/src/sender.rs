@@ -232,7 +232,7 @@ impl<S: RecordSource> Sender<S> {
     /// Bytes read from path `p`'s connection (any split).
     pub fn handle_input(&mut self, p: PathId, data: &[u8], now: Instant) {
         let frames = self.link.input(p, data, now, 0);
-        let mut heard = !frames.is_empty();
+        let mut ok = true;
         for f in frames {
             let r = match f {
                 Frame::Hello(h) => self.on_hello(p, h),
@@ -242,14 +242,17 @@ impl<S: RecordSource> Sender<S> {
             if let Err(e) = r {
                 self.link
                     .fail_path(p, e, Some(GoodbyeReason::PROTOCOL_ERROR));
-                heard = false;
+                ok = false;
                 break;
             }
         }
         if !self.link.is_ready(p) {
             self.requeue(p);
         }
-        if heard {
+        // Heartbeats count: an idle owner whose route healed without a
+        // reconnect sees no HELLO and no ACK, only heartbeats, and must
+        // still become mirrored again.
+        if ok {
             self.maybe_mirrored();
         }
     }

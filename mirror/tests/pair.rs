@@ -107,6 +107,9 @@ struct Pair {
     s2r: Vec<Pipe>,
     r2s: Vec<Pipe>,
     up: Vec<bool>,
+    /// A stalled stream holds its bytes (a blackholed route: TCP keeps the
+    /// connection and delivers everything once the route heals).
+    stalled: Vec<bool>,
     faults: Faults,
     rng: StdRng,
     acked: Seq,
@@ -140,6 +143,7 @@ impl Pair {
             s2r: (0..paths).map(|_| Pipe { q: VecDeque::new() }).collect(),
             r2s: (0..paths).map(|_| Pipe { q: VecDeque::new() }).collect(),
             up: vec![false; paths as usize],
+            stalled: vec![false; paths as usize],
             faults,
             rng: StdRng::seed_from_u64(seed),
             acked: 0,
@@ -249,6 +253,9 @@ impl Pair {
     fn deliver(&mut self) -> bool {
         let mut moved = false;
         for i in 0..self.up.len() {
+            if self.stalled[i] {
+                continue;
+            }
             while self.s2r[i].q.front().is_some_and(|(t, _)| *t <= self.now) {
                 let Some((_, d)) = self.s2r[i].q.pop_front() else {
                     break;
@@ -326,7 +333,15 @@ impl Pair {
             .flatten()
             .min()
             .unwrap_or(self.now + Duration::from_millis(1));
-        for p in self.s2r.iter().chain(self.r2s.iter()) {
+        for (i, p) in self
+            .s2r
+            .iter()
+            .enumerate()
+            .chain(self.r2s.iter().enumerate())
+        {
+            if self.stalled[i] {
+                continue;
+            }
             if let Some((t, _)) = p.q.front() {
                 next = next.min(*t);
             }
@@ -571,6 +586,38 @@ fn unmirrored_then_resync_from_log() {
     assert_exactly_once(&p, 51);
     p.submit(10);
     assert!(p.run_until(|p| p.acked == 52, 1_000));
+}
+
+/// An owner with nothing to write while its route to the partner was
+/// blackholed (connection kept, no bytes through) must report itself
+/// mirrored again once heartbeats flow: no write is needed to notice.
+#[test]
+fn idle_owner_is_mirrored_again_after_a_stall_heals() {
+    let mut p = Pair::new(1, Faults::default(), 12);
+    for _ in 0..5 {
+        p.submit(4096);
+    }
+    assert!(p.run_until(|p| p.acked == 5, 10_000));
+    p.stalled[0] = true;
+    assert!(p.run_until(
+        |p| p
+            .s_events
+            .iter()
+            .any(|e| matches!(e, Event::PeerSilent { .. })),
+        10_000
+    ));
+    p.s.go_unmirrored();
+    p.collect();
+    assert!(!p.s.is_mirrored());
+    p.stalled[0] = false;
+    assert!(
+        p.run_until(|p| p.s.is_mirrored(), 10_000),
+        "still unmirrored {:?} after the route healed",
+        p.elapsed()
+    );
+    assert!(p.s_events.contains(&Event::Mirrored));
+    p.submit(4096);
+    assert!(p.run_until(|p| p.acked == 6 && p.r.stored_upto() == 6, 10_000));
 }
 
 #[test]
