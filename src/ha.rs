@@ -125,6 +125,8 @@ pub fn wait_until_ours(me: &str, data_dir: &Path) -> anyhow::Result<u64> {
                         partner_alive: true,
                         serving: Vec::new(),
                         taken_over: None,
+                        log: None,
+                        partner_reads: None,
                     },
                 );
                 std::thread::sleep(Duration::from_millis(50));
@@ -144,6 +146,37 @@ struct Status {
     partner_alive: bool,
     serving: Vec<String>,
     taken_over: Option<String>,
+    /// This node's NVRAM log and its mirror to the partner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<LogStatus>,
+    /// Commands for the partner's targets that arrived here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partner_reads: Option<PartnerReads>,
+}
+
+#[derive(Serialize)]
+struct LogStatus {
+    active_half: usize,
+    /// Percent of the active half holding records.
+    fill_pct: f64,
+    cp_in_progress: bool,
+    cps: u64,
+    next_seq: Seq,
+    /// Records logged but not yet acknowledged by the partner.
+    mirror_lag_records: u64,
+    /// Bytes queued or in flight to the partner.
+    mirror_lag_bytes: u64,
+    mirror_acked_seq: Seq,
+    pruned_seq: Seq,
+}
+
+#[derive(Serialize)]
+struct PartnerReads {
+    /// READs answered from the mirrored log ("live replay").
+    live_replayed: u64,
+    /// Commands forwarded to the owner over the interconnect.
+    forwarded: u64,
+    forward_errors: u64,
 }
 
 fn write_status(dir: &Path, s: &Status) {
@@ -735,8 +768,34 @@ impl Ha {
                 partner_alive: !ic_down,
                 serving: self.node.target_names(),
                 taken_over: taken.as_ref().map(|_| self.partner.clone()),
+                log: self.log_status(),
+                partner_reads: Some(PartnerReads {
+                    live_replayed: self.partner_stats.live_reads.load(Ordering::Relaxed),
+                    forwarded: self.partner_stats.forwarded.load(Ordering::Relaxed),
+                    forward_errors: self.partner_stats.forward_errors.load(Ordering::Relaxed),
+                }),
             },
         );
+    }
+
+    fn log_status(&self) -> Option<LogStatus> {
+        let l = self.node.store()?.log().stats();
+        let m = self.mirror.stats();
+        Some(LogStatus {
+            active_half: l.active_half,
+            fill_pct: if l.half_capacity == 0 {
+                0.0
+            } else {
+                (l.active_used as f64 * 1000.0 / l.half_capacity as f64).round() / 10.0
+            },
+            cp_in_progress: l.cp_in_progress,
+            cps: l.cps,
+            next_seq: l.next_seq,
+            mirror_lag_records: m.last_submitted.saturating_sub(m.acked.max(m.pruned)),
+            mirror_lag_bytes: (m.unsent_bytes + m.inflight_bytes) as u64,
+            mirror_acked_seq: m.acked,
+            pruned_seq: m.pruned,
+        })
     }
 
     fn takeover(self: &Arc<Self>) {

@@ -352,6 +352,29 @@ pub fn status(spec: &PairSpec, json: bool) -> anyhow::Result<()> {
             field("epoch"),
             field("serving"),
         );
+        if let Some(l) = st.as_ref().map(|s| &s["log"]).filter(|l| l.is_object()) {
+            println!(
+                "  log: half {} {}% full, CPs {}, next seq {}; mirror lag {} records / {} bytes (acked {}, pruned {})",
+                l["active_half"],
+                l["fill_pct"],
+                l["cps"],
+                l["next_seq"],
+                l["mirror_lag_records"],
+                l["mirror_lag_bytes"],
+                l["mirror_acked_seq"],
+                l["pruned_seq"],
+            );
+        }
+        if let Some(p) = st
+            .as_ref()
+            .map(|s| &s["partner_reads"])
+            .filter(|p| p.is_object())
+        {
+            println!(
+                "  partner's targets here: {} reads live-replayed, {} commands forwarded, {} forward errors",
+                p["live_replayed"], p["forwarded"], p["forward_errors"],
+            );
+        }
         if let Some(m) = mb {
             println!(
                 "  mailbox: epoch {} heartbeat {} ({} ms ago) owner {:?} unmirrored {} taken over by {}",
