@@ -127,6 +127,9 @@ pub struct NodeSection {
     /// the device before status; survives power loss).
     #[serde(default)]
     pub nvram_durability: NvramDurability,
+    /// `ADDR:PORT` to serve Prometheus metrics on; `--metrics` overrides it.
+    /// Unset: no metrics endpoint.
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -407,6 +410,14 @@ impl Config {
                 return Err(invalid(
                     "node.nvram_size".into(),
                     format!("{s:?} is not a size of at least 1MiB"),
+                ));
+            }
+        }
+        if let Some(m) = &self.node.metrics {
+            if m.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "node.metrics".into(),
+                    format!("{m:?} is not ADDR:PORT"),
                 ));
             }
         }

@@ -395,6 +395,7 @@ impl Ha {
             sender_events,
         );
         store.set_mirror(Arc::new(MirrorAdapter(mirror.clone())));
+        crate::metrics::watch_mirror(node.metrics(), mirror.clone());
 
         // Partner side: its log into our PARTNER portion and the index.
         let receiver_events: interconnect::EventSink = {

@@ -285,7 +285,10 @@ impl Store {
             })
             .map_err(log_err)?;
         if let Some(m) = mirror {
-            m.wait(seq)?;
+            let t = Instant::now();
+            let acked = m.wait(seq);
+            self.metrics.mirror_wait.observe(t.elapsed().as_secs_f64());
+            acked?;
         }
         Ok(r)
     }
