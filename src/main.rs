@@ -14,6 +14,7 @@ mod node;
 mod pair;
 mod partner;
 mod portal;
+mod progress;
 mod proxy;
 mod prstore;
 mod status;
@@ -286,6 +287,7 @@ enum ConfigCmd {
 }
 
 fn init_logging(json: bool) {
+    progress::set_log_json(json);
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -317,7 +319,20 @@ fn main() -> anyhow::Result<()> {
             args,
         } => {
             let _lock = datadir::lock(&data_dir)?;
-            nvtarget_lun::cli::aggr_cmd(&data_dir, args)
+            match args.cmd {
+                nvtarget_lun::cli::AggrCmd::Check => {
+                    let agg = nvtarget_lun::cli::open_existing(&data_dir)?;
+                    let mut p = progress::Progress::new("checking the aggregate");
+                    let r = nvtarget_lun::cli::aggr_check_with(
+                        &agg,
+                        &mut std::io::stdout(),
+                        &mut |done, total, what| p.update(done, total, what),
+                    );
+                    p.finish();
+                    r
+                }
+                _ => nvtarget_lun::cli::aggr_cmd(&data_dir, args),
+            }
         }
         Cmd::Nvram {
             cmd: NvramCmd::Dump {
