@@ -893,7 +893,7 @@ impl Ha {
             })
             .collect();
         for s in &steps {
-            tracing::info!(step = %s.name, start_ms = s.start_ms, ms = s.ms, outcome = %s.outcome, "takeover step");
+            tracing::info!(partner = %self.partner, partner_portal = %self.paths.sec.partner_portal, step = %s.name, start_ms = s.start_ms, ms = s.ms, outcome = %s.outcome, "takeover step");
         }
         let (n, skipped) = *counts.lock();
         let j = TakeoverJson {
