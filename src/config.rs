@@ -33,9 +33,11 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
-    #[error("{file}: {key}: {message}")]
+    /// A value that parses but makes no sense; `at` is `FILE:LINE` (or
+    /// just `FILE` when the key is absent from the text, e.g. a default).
+    #[error("{at}: {key}: {message}")]
     Invalid {
-        file: String,
+        at: String,
         key: String,
         message: String,
     },
@@ -125,6 +127,9 @@ pub struct NodeSection {
     /// the device before status; survives power loss).
     #[serde(default)]
     pub nvram_durability: NvramDurability,
+    /// `ADDR:PORT` to serve Prometheus metrics on; `--metrics` overrides it.
+    /// Unset: no metrics endpoint.
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -267,6 +272,48 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
+/// Whether two listeners collide: the same port on the same address, or on
+/// any address when one of them is the wildcard (0.0.0.0 or [::]).
+fn portals_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The 1-based line of a dotted key path such as `target[0].lun[1].size`
+/// in `text`: the key's own line, or the nearest enclosing table's header
+/// when the key itself is absent (a default that failed validation).
+pub fn key_line(text: &str, path: &str) -> Option<usize> {
+    use toml_edit::{Item, Value};
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut span = None;
+    let mut table = Some(doc.as_table());
+    for seg in path.split('.') {
+        let Some(container) = table.take() else { break };
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let Some((key, item)) = container.get_key_value(name) else {
+            break;
+        };
+        span = key.span().or(span);
+        match (index, item) {
+            (Some(k), Item::ArrayOfTables(a)) => {
+                if let Some(t) = a.get(k) {
+                    span = t.span().or(span);
+                    table = Some(t);
+                }
+            }
+            (Some(k), Item::Value(Value::Array(a))) => {
+                span = a.get(k).and_then(|v| v.span()).or(span);
+            }
+            (None, Item::Table(t)) => table = Some(t),
+            _ => {}
+        }
+    }
+    let at = span?.start.min(text.len());
+    Some(text[..at].matches('\n').count() + 1)
+}
+
 /// An iSCSI name (RFC 3720 3.2.6): iqn., eui. or naa. form, lower case.
 pub fn valid_iscsi_name(name: &str) -> bool {
     let ok_chars = name
@@ -336,13 +383,16 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
-        cfg.validate(file)?;
+        cfg.validate(text, file)?;
         Ok(cfg)
     }
 
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid {
-            file: file.to_string(),
+            at: match key_line(text, &key) {
+                Some(line) => format!("{file}:{line}"),
+                None => file.to_string(),
+            },
             key,
             message,
         };
@@ -363,7 +413,15 @@ impl Config {
                 ));
             }
         }
-        let mut listens = HashSet::new();
+        if let Some(m) = &self.node.metrics {
+            if m.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "node.metrics".into(),
+                    format!("{m:?} is not ADDR:PORT"),
+                ));
+            }
+        }
+        let mut listens: Vec<SocketAddr> = Vec::new();
         for (i, p) in self.portals.iter().enumerate() {
             let addr: SocketAddr = p.listen.parse().map_err(|_| {
                 invalid(
@@ -371,12 +429,17 @@ impl Config {
                     format!("{:?} is not ADDR:PORT", p.listen),
                 )
             })?;
-            if !listens.insert(addr) {
+            if let Some((k, other)) = listens
+                .iter()
+                .enumerate()
+                .find(|(_, o)| portals_overlap(**o, addr))
+            {
                 return Err(invalid(
                     format!("portal[{i}].listen"),
-                    format!("{addr} is listed twice"),
+                    format!("{addr} overlaps portal[{k}] ({other}): both cannot listen"),
                 ));
             }
+            listens.push(addr);
         }
         let mut names = HashSet::new();
         for (i, t) in self.targets.iter().enumerate() {
@@ -548,7 +611,19 @@ mod tests {
     fn bad_iqn_is_named() {
         let text = "[[target]]\nname = \"IQN.bad\"\n";
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
-        assert!(e.contains("target[0].name"), "{e}");
+        assert!(e.starts_with("t.toml:2: target[0].name:"), "{e}");
+    }
+
+    #[test]
+    fn key_lines() {
+        let text = "[node]\naggregate_size = \"1GiB\"\n\n[[target]]\nname = \"a\"\nallowed_initiators = [\n  \"x\",\n  \"y\",\n]\n[[target.lun]]\nid = 0\n[[target.lun]]\nid = 1\nsize = \"1\"\n";
+        assert_eq!(key_line(text, "node.aggregate_size"), Some(2));
+        assert_eq!(key_line(text, "target[0].name"), Some(5));
+        assert_eq!(key_line(text, "target[0].allowed_initiators[1]"), Some(8));
+        assert_eq!(key_line(text, "target[0].lun[1].size"), Some(14));
+        // Absent: the enclosing table's header.
+        assert_eq!(key_line(text, "target[0].lun[0].size"), Some(10));
+        assert_eq!(key_line(text, "pair.node"), None);
     }
 
     #[test]
@@ -556,14 +631,22 @@ mod tests {
         let text =
             "[[portal]]\nlisten = \"127.0.0.1:3260\"\n[[portal]]\nlisten = \"127.0.0.1:3260\"\n";
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
-        assert!(e.contains("portal[1].listen"), "{e}");
+        assert!(e.starts_with("t.toml:4: portal[1].listen:"), "{e}");
+        // A wildcard listener overlaps every address on its port.
+        let text =
+            "[[portal]]\nlisten = \"127.0.0.1:3260\"\n[[portal]]\nlisten = \"0.0.0.0:3260\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("overlaps portal[0]"), "{e}");
+        let text =
+            "[[portal]]\nlisten = \"127.0.0.1:3260\"\n[[portal]]\nlisten = \"0.0.0.0:3261\"\n";
+        assert!(Config::parse(text, "t.toml").is_ok());
     }
 
     #[test]
     fn lun_larger_than_aggregate_rejected() {
         let text = "[node]\naggregate_size = \"1GiB\"\n[[target]]\nname = \"iqn.2026-11.io.x:a\"\n[[target.lun]]\nid = 0\nsize = \"2GiB\"\n";
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
-        assert!(e.contains("target[0].lun[0].size"), "{e}");
+        assert!(e.starts_with("t.toml:7: target[0].lun[0].size:"), "{e}");
         assert!(e.contains("larger than the aggregate"), "{e}");
     }
 

@@ -446,6 +446,7 @@ impl Ha {
             sender_events,
         );
         store.set_mirror(Arc::new(MirrorAdapter(mirror.clone())));
+        crate::metrics::watch_mirror(node.metrics(), mirror.clone());
 
         // Partner side: its log into our PARTNER portion and the index.
         let receiver_events: interconnect::EventSink = {
@@ -969,7 +970,7 @@ impl Ha {
             })
             .collect();
         for s in &steps {
-            tracing::info!(step = %s.name, start_ms = s.start_ms, ms = s.ms, outcome = %s.outcome, "takeover step");
+            tracing::info!(partner = %self.partner, partner_portal = %self.paths.sec.partner_portal, step = %s.name, start_ms = s.start_ms, ms = s.ms, outcome = %s.outcome, "takeover step");
         }
         let (n, skipped) = *counts.lock();
         let j = TakeoverJson {

@@ -1,6 +1,8 @@
 //! nvtarget: an iSCSI block target.
 
+mod admin;
 mod config;
+mod configfile;
 mod datadir;
 mod drill;
 mod filedev;
@@ -12,8 +14,10 @@ mod node;
 mod pair;
 mod partner;
 mod portal;
+mod progress;
 mod proxy;
 mod prstore;
+mod status;
 mod storedev;
 
 use std::path::PathBuf;
@@ -44,6 +48,32 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// What the node running on a data directory is doing: targets, LUNs,
+    /// sessions, ALUA, NVRAM, CPs, partner (asks it over DATA_DIR/admin.sock).
+    Status {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove a LUN of the running node; saved to its configuration.
+    Lun {
+        #[command(subcommand)]
+        cmd: LunCmd,
+    },
+    /// Allow or disallow an initiator on a target of the running node; saved
+    /// to its configuration.
+    Acl {
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
+    /// Set or clear a target's CHAP secrets on the running node; saved to
+    /// its configuration.
+    Chap {
+        #[command(subcommand)]
+        cmd: ChapCmd,
     },
     /// Snapshots of LUNs in the aggregate (offline: the target must be stopped).
     Snapshot {
@@ -86,9 +116,99 @@ struct ServeArgs {
     /// TOML configuration; without it the embedded default is used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Serve Prometheus metrics on ADDR:PORT (off unless given).
+    /// Serve Prometheus metrics on ADDR:PORT (default: `node.metrics` of
+    /// the configuration; off when neither is set).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
+}
+
+/// A target of the running node.
+#[derive(clap::Args)]
+struct TargetArg {
+    /// The target's IQN.
+    #[arg(long, value_name = "IQN")]
+    target: String,
+}
+
+#[derive(Subcommand)]
+enum LunCmd {
+    /// Serve a new LUN at once (initiators see REPORTED LUNS DATA HAS CHANGED).
+    Add {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+        #[arg(long, value_name = "N")]
+        lun: u64,
+        /// Size with a unit: 2G, 512MiB.
+        #[arg(long)]
+        size: String,
+        /// Name in the aggregate (default lunN).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        block_size: Option<u32>,
+    },
+    /// Stop serving a LUN; its data stays in the aggregate (adding a LUN of
+    /// the same name serves it again).
+    Remove {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+        #[arg(long, value_name = "N")]
+        lun: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclCmd {
+    /// Allow an initiator (a target with no list admits everyone; with a
+    /// list, only those on it).
+    Add {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+        #[arg(long, value_name = "IQN")]
+        initiator: String,
+    },
+    /// Take an initiator off the list (sessions already logged in stay).
+    Remove {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+        #[arg(long, value_name = "IQN")]
+        initiator: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChapCmd {
+    /// Require CHAP at the next login (mutual CHAP with --mutual-*).
+    Set {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+        #[arg(long)]
+        user: String,
+        /// 12 to 255 characters.
+        #[arg(long)]
+        secret: String,
+        #[arg(long, requires = "mutual_secret")]
+        mutual_user: Option<String>,
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret: Option<String>,
+    },
+    /// No CHAP from the next login on.
+    Clear {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[command(flatten)]
+        target: TargetArg,
+    },
 }
 
 /// `--data-dir` of the offline tools; accepted before or after the subcommand.
@@ -167,6 +287,7 @@ enum ConfigCmd {
 }
 
 fn init_logging(json: bool) {
+    progress::set_log_json(json);
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -198,7 +319,20 @@ fn main() -> anyhow::Result<()> {
             args,
         } => {
             let _lock = datadir::lock(&data_dir)?;
-            nvtarget_lun::cli::aggr_cmd(&data_dir, args)
+            match args.cmd {
+                nvtarget_lun::cli::AggrCmd::Check => {
+                    let agg = nvtarget_lun::cli::open_existing(&data_dir)?;
+                    let mut p = progress::Progress::new("checking the aggregate");
+                    let r = nvtarget_lun::cli::aggr_check_with(
+                        &agg,
+                        &mut std::io::stdout(),
+                        &mut |done, total, what| p.update(done, total, what),
+                    );
+                    p.finish();
+                    r
+                }
+                _ => nvtarget_lun::cli::aggr_cmd(&data_dir, args),
+            }
         }
         Cmd::Nvram {
             cmd: NvramCmd::Dump {
@@ -268,6 +402,102 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Cmd::Drill(args) => drill::run(args),
+        Cmd::Status {
+            dir: DataDirArg { path },
+            json,
+        } => {
+            let v = admin::call(&path, &admin::Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                status::render(&v, &mut std::io::stdout().lock())?;
+            }
+            Ok(())
+        }
+        Cmd::Lun { cmd } => {
+            let (path, req) = match cmd {
+                LunCmd::Add {
+                    dir,
+                    target,
+                    lun,
+                    size,
+                    name,
+                    block_size,
+                } => (
+                    dir.path,
+                    admin::Request::LunAdd {
+                        target: target.target,
+                        lun,
+                        size,
+                        name,
+                        block_size,
+                    },
+                ),
+                LunCmd::Remove { dir, target, lun } => (
+                    dir.path,
+                    admin::Request::LunRemove {
+                        target: target.target,
+                        lun,
+                    },
+                ),
+            };
+            print_change(&admin::call(&path, &req)?)
+        }
+        Cmd::Acl { cmd } => {
+            let (path, req) = match cmd {
+                AclCmd::Add {
+                    dir,
+                    target,
+                    initiator,
+                } => (
+                    dir.path,
+                    admin::Request::AclAdd {
+                        target: target.target,
+                        initiator,
+                    },
+                ),
+                AclCmd::Remove {
+                    dir,
+                    target,
+                    initiator,
+                } => (
+                    dir.path,
+                    admin::Request::AclRemove {
+                        target: target.target,
+                        initiator,
+                    },
+                ),
+            };
+            print_change(&admin::call(&path, &req)?)
+        }
+        Cmd::Chap { cmd } => {
+            let (path, req) = match cmd {
+                ChapCmd::Set {
+                    dir,
+                    target,
+                    user,
+                    secret,
+                    mutual_user,
+                    mutual_secret,
+                } => (
+                    dir.path,
+                    admin::Request::ChapSet {
+                        target: target.target,
+                        user,
+                        secret,
+                        mutual_user,
+                        mutual_secret,
+                    },
+                ),
+                ChapCmd::Clear { dir, target } => (
+                    dir.path,
+                    admin::Request::ChapClear {
+                        target: target.target,
+                    },
+                ),
+            };
+            print_change(&admin::call(&path, &req)?)
+        }
         Cmd::Config {
             cmd: ConfigCmd::Default,
         } => {
@@ -277,18 +507,82 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// What a live change did, for the person who asked.
+fn print_change(v: &serde_json::Value) -> anyhow::Result<()> {
+    let luns: Vec<String> = v["luns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            format!(
+                "{} ({}, {})",
+                l["id"],
+                l["name"].as_str().unwrap_or("-"),
+                l["size"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    let allowed: Vec<&str> = v["allowed_initiators"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str())
+        .collect();
+    println!("target {}", v["target"].as_str().unwrap_or("-"));
+    println!("  luns: {}", luns.join(", "));
+    println!(
+        "  initiators: {}",
+        if allowed.is_empty() {
+            "all".to_string()
+        } else {
+            allowed.join(", ")
+        }
+    );
+    println!("  chap: {}", if v["chap"] == true { "yes" } else { "no" });
+    println!("saved to {}", v["saved_to"].as_str().unwrap_or("-"));
+    Ok(())
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = config::Config::load(a.config.as_deref())?;
+    // Without --config, a node runs from DATA_DIR/nvtarget.toml once a live
+    // change saved one, else from the embedded default.
+    let (mut cfg, data_dir, config_file) = match &a.config {
+        Some(path) => {
+            let cfg = config::Config::load(Some(path))?;
+            let data_dir = a
+                .data_dir
+                .clone()
+                .or_else(|| cfg.node.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
+            (cfg, data_dir, path.clone())
+        }
+        None => {
+            let data_dir = a
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
+            let saved = configfile::ConfigFile::saved_path(&data_dir);
+            let cfg = if saved.exists() {
+                tracing::info!(config = %saved.display(), "loading the configuration saved by live changes");
+                config::Config::load(Some(&saved))?
+            } else {
+                config::Config::load(None)?
+            };
+            (cfg, data_dir, saved)
+        }
+    };
     if let Some(l) = &a.listen {
         cfg.override_listen(l);
     }
     if cfg.portals.is_empty() {
         anyhow::bail!("no portal configured: add a [[portal]] section or pass --listen");
     }
-    let data_dir = a
-        .data_dir
-        .or_else(|| cfg.node.data_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("nvtarget-data"));
+    let metrics_addr = a.metrics.clone().or_else(|| cfg.node.metrics.clone());
+    let origin = status::Origin {
+        config: a.config.as_ref().map(|p| p.display().to_string()),
+        saved_to: config_file.display().to_string(),
+        metrics: metrics_addr.clone(),
+    };
     let _lock = datadir::lock(&data_dir)?;
     let pair = cfg
         .pair
@@ -322,13 +616,27 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         };
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some(addr) = &a.metrics {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-            tracing::info!(metrics = %addr, "serving metrics");
-            tasks.spawn(metrics::serve(listener, metrics.clone()));
+        status::register_collectors(&node);
+        if let Some(addr) = &metrics_addr {
+            // Storage service does not depend on its dashboard: a taken
+            // port is logged, not fatal.
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(metrics = %addr, "serving metrics");
+                    tasks.spawn(metrics::serve(listener, metrics.clone()));
+                }
+                Err(e) => {
+                    tracing::error!(metrics = %addr, error = %e, "cannot serve metrics")
+                }
+            }
         }
+        let admin = Arc::new(admin::Admin {
+            node: node.clone(),
+            file: configfile::ConfigFile::new(config_file),
+            origin,
+        });
+        let admin_listener = admin::bind(&data_dir)?;
+        tasks.spawn(admin::serve(admin_listener, admin));
         for p in &cfg.portals {
             let listener = tokio::net::TcpListener::bind(&p.listen)
                 .await
@@ -347,6 +655,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             },
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
+                let _ = std::fs::remove_file(admin::socket_path(&data_dir));
                 if let Some(h) = &ha {
                     h.shutdown();
                 }

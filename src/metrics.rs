@@ -4,7 +4,13 @@
 //! a wrapper around each LUN's block device, so every path into storage is
 //! counted whatever command carried it. Metric handles are resolved once per
 //! LUN: the I/O path touches only atomics, never the label map.
+//!
+//! State that already lives elsewhere (sessions, the NVRAM log's halves, the
+//! mirror's position, the HA thread's status and last takeover) is copied
+//! into gauges by collectors run at scrape time, so the hot paths pay
+//! nothing for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +30,56 @@ pub struct LunLabels {
     pub op: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HalfLabel {
+    pub half: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: String,
+}
+
+/// A gauge holding seconds (or any fraction).
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// A counter that mirrors a running total kept elsewhere (the log's own
+/// statistics): each scrape adds what the total grew by.
+#[derive(Default, Clone)]
+pub struct CopiedCounter {
+    counter: Counter,
+    seen: Arc<AtomicU64>,
+}
+
+impl CopiedCounter {
+    pub fn set_total(&self, total: u64) {
+        let before = self.seen.swap(total, Ordering::AcqRel);
+        // A smaller total means the source restarted (a new log after a
+        // giveback): count from there.
+        self.counter.inc_by(total.saturating_sub(before));
+    }
+}
+
+/// Every state the HA thread writes to `status.json`.
+pub const HA_STATES: [&str; 4] = [
+    "serving",
+    "serving-unmirrored",
+    "taken-over",
+    "waiting-giveback",
+];
+
+type Collector = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 fn latency_histogram() -> Histogram {
     // 5 us .. ~2.6 s
     Histogram::new(exponential_buckets(5e-6, 2.0, 20))
@@ -39,6 +95,32 @@ pub struct Metrics {
     pub cp_failed: Counter,
     pub cp_duration: Histogram,
     pub dirty_bytes: Gauge,
+    /// iSCSI connections open now, discovery included.
+    pub connections: Gauge,
+    pub sessions: Family<TargetLabel, Gauge>,
+    pub nvram_half_used: Family<HalfLabel, Gauge>,
+    pub nvram_half_capacity: Gauge,
+    pub nvram_active_half: Gauge,
+    pub nvram_records: CopiedCounter,
+    pub nvram_bytes: CopiedCounter,
+    pub nvram_space_waits: CopiedCounter,
+    pub cp_in_progress: Gauge,
+    /// Records logged here and not yet acknowledged by the partner.
+    pub mirror_lag_records: Gauge,
+    /// Bytes of those records not yet sent or not yet acknowledged.
+    pub mirror_lag_bytes: Gauge,
+    pub mirror_mirrored: Gauge,
+    /// How long a write waited for the partner's ack after its local log
+    /// append: the mirror's round trip as the initiator feels it.
+    pub mirror_wait: Histogram,
+    pub ha_state: Family<StateLabel, Gauge>,
+    pub ha_epoch: Gauge,
+    pub ha_partner_alive: Gauge,
+    pub takeover_step: Family<StepLabel, FloatGauge>,
+    pub takeover_seconds: FloatGauge,
+    pub takeover_records: Gauge,
+    pub takeover_unix_ms: Gauge,
+    collectors: parking_lot::Mutex<Vec<Collector>>,
 }
 
 impl Metrics {
@@ -82,7 +164,7 @@ impl Metrics {
             "Bytes written but not yet in a consistency point",
             dirty_bytes.clone(),
         );
-        Arc::new(Metrics {
+        let m = Metrics {
             registry,
             ops,
             bytes,
@@ -92,10 +174,146 @@ impl Metrics {
             cp_failed,
             cp_duration,
             dirty_bytes,
-        })
+            connections: Gauge::default(),
+            sessions: Family::default(),
+            nvram_half_used: Family::default(),
+            nvram_half_capacity: Gauge::default(),
+            nvram_active_half: Gauge::default(),
+            nvram_records: CopiedCounter::default(),
+            nvram_bytes: CopiedCounter::default(),
+            nvram_space_waits: CopiedCounter::default(),
+            cp_in_progress: Gauge::default(),
+            mirror_lag_records: Gauge::default(),
+            mirror_lag_bytes: Gauge::default(),
+            mirror_mirrored: Gauge::default(),
+            mirror_wait: latency_histogram(),
+            ha_state: Family::default(),
+            ha_epoch: Gauge::default(),
+            ha_partner_alive: Gauge::default(),
+            takeover_step: Family::default(),
+            takeover_seconds: FloatGauge::default(),
+            takeover_records: Gauge::default(),
+            takeover_unix_ms: Gauge::default(),
+            collectors: parking_lot::Mutex::new(Vec::new()),
+        };
+        Arc::new(m.register_operator_metrics())
+    }
+
+    fn register_operator_metrics(mut self) -> Metrics {
+        let r = &mut self.registry;
+        r.register(
+            "connections",
+            "iSCSI connections open (discovery included)",
+            self.connections.clone(),
+        );
+        r.register(
+            "sessions",
+            "Logged-in iSCSI sessions per target",
+            self.sessions.clone(),
+        );
+        r.register(
+            "nvram_half_used_bytes",
+            "Bytes of log records in each NVRAM log half",
+            self.nvram_half_used.clone(),
+        );
+        r.register(
+            "nvram_half_capacity_bytes",
+            "Record space of one NVRAM log half",
+            self.nvram_half_capacity.clone(),
+        );
+        r.register(
+            "nvram_active_half",
+            "The NVRAM log half new writes go to",
+            self.nvram_active_half.clone(),
+        );
+        r.register(
+            "nvram_records",
+            "Records appended to the NVRAM log",
+            self.nvram_records.counter.clone(),
+        );
+        r.register(
+            "nvram_bytes",
+            "Bytes appended to the NVRAM log",
+            self.nvram_bytes.counter.clone(),
+        );
+        r.register(
+            "nvram_space_waits",
+            "Appends that waited for a CP to free a log half",
+            self.nvram_space_waits.counter.clone(),
+        );
+        r.register(
+            "cp_in_progress",
+            "1 while a consistency point runs",
+            self.cp_in_progress.clone(),
+        );
+        r.register(
+            "mirror_lag_records",
+            "Records logged here and not yet acknowledged by the partner",
+            self.mirror_lag_records.clone(),
+        );
+        r.register(
+            "mirror_lag_bytes",
+            "Bytes of records not yet sent to or acknowledged by the partner",
+            self.mirror_lag_bytes.clone(),
+        );
+        r.register(
+            "mirror_mirrored",
+            "1 while writes wait for the partner's ack, 0 when serving unmirrored",
+            self.mirror_mirrored.clone(),
+        );
+        r.register(
+            "mirror_wait_seconds",
+            "Time a write waited for the partner's mirror ack after its local append",
+            self.mirror_wait.clone(),
+        );
+        r.register(
+            "ha_state",
+            "1 for the HA state this node is in",
+            self.ha_state.clone(),
+        );
+        r.register(
+            "ha_epoch",
+            "This node's mailbox epoch",
+            self.ha_epoch.clone(),
+        );
+        r.register(
+            "ha_partner_alive",
+            "1 while the partner's interconnect heartbeats arrive",
+            self.ha_partner_alive.clone(),
+        );
+        r.register(
+            "takeover_step_seconds",
+            "Duration of each step of the last takeover this node ran",
+            self.takeover_step.clone(),
+        );
+        r.register(
+            "takeover_seconds",
+            "Duration of the last takeover this node ran",
+            self.takeover_seconds.clone(),
+        );
+        r.register(
+            "takeover_replayed_records",
+            "Log records the last takeover replayed",
+            self.takeover_records.clone(),
+        );
+        r.register(
+            "takeover_unix_ms",
+            "When the last takeover this node ran started serving (Unix ms)",
+            self.takeover_unix_ms.clone(),
+        );
+        self
+    }
+
+    /// Runs `f` before every scrape, to copy state kept elsewhere into
+    /// this registry's gauges.
+    pub fn add_collector(&self, f: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.collectors.lock().push(Box::new(f));
     }
 
     pub fn encode(&self) -> String {
+        for c in self.collectors.lock().iter() {
+            c(self);
+        }
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
@@ -198,6 +416,18 @@ impl BlockDevice for MeteredDevice {
     fn lba_status(&self, lba: u64) -> Result<(LbaStatus, u64), DevError> {
         self.inner.lba_status(lba)
     }
+}
+
+/// Copies the mirror sender's position into the metrics at every scrape.
+pub fn watch_mirror(m: &Metrics, h: crate::interconnect::MirrorHandle) {
+    m.add_collector(move |m| {
+        let st = h.stats();
+        m.mirror_lag_records
+            .set(st.last_submitted.saturating_sub(st.acked) as i64);
+        m.mirror_lag_bytes
+            .set((st.unsent_bytes + st.inflight_bytes) as i64);
+        m.mirror_mirrored.set(i64::from(st.mirrored));
+    });
 }
 
 /// Serves `GET /metrics` (any path, in fact) in the Prometheus text format.

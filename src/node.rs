@@ -3,7 +3,7 @@
 //! every portal and connection.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,7 +13,7 @@ use nvtarget_scsi::{
 };
 use parking_lot::RwLock;
 
-use crate::config::{parse_size, Backend, ChapSection, Config, NvramDurability};
+use crate::config::{parse_size, Backend, ChapSection, Config, LunConfig, NvramDurability};
 use crate::filedev::FileDevice;
 use crate::metrics::{MeteredDevice, Metrics};
 use crate::partner::{LunMapEntry, RemoteTarget};
@@ -51,6 +51,23 @@ pub struct TargetEntry {
     chap: Option<ChapConfig>,
     /// LUN id -> block size, for the write residual adapter in the portal.
     block_sizes: Vec<(u64, u32)>,
+    /// The LUNs as configured, in id order (status, live changes).
+    luns: Vec<LunConfig>,
+    /// The aggregate its store LUNs live in (ours, or the partner's after a
+    /// takeover) and the data directory of its files and PR state.
+    store: Option<Arc<Store>>,
+    data_dir: PathBuf,
+}
+
+/// A served target as `nvtarget status` shows it.
+pub struct TargetView {
+    pub name: String,
+    pub allowed: Vec<String>,
+    pub chap: bool,
+    pub luns: Vec<LunConfig>,
+    pub store: Option<Arc<Store>>,
+    pub data_dir: PathBuf,
+    pub port_groups: Vec<PortGroup>,
 }
 
 /// A partner's target presented here (see `partner.rs`).
@@ -72,6 +89,7 @@ pub struct Node {
     config: Config,
     store: Option<Arc<Store>>,
     metrics: Arc<Metrics>,
+    data_dir: PathBuf,
 }
 
 /// ALUA placement of a target in a pair: which port groups exist and which
@@ -136,6 +154,7 @@ impl Node {
             config,
             store,
             metrics,
+            data_dir: data_dir.to_path_buf(),
         })
     }
 
@@ -202,6 +221,126 @@ impl Node {
             .iter()
             .filter_map(|n| t.remove(n).map(|e| e.scsi))
             .collect()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The targets served here (ours, and the partner's after a takeover).
+    pub fn target_views(&self) -> Vec<TargetView> {
+        self.targets
+            .read()
+            .iter()
+            .map(|(name, t)| TargetView {
+                name: name.clone(),
+                allowed: t.allowed.clone(),
+                chap: t.chap.is_some(),
+                luns: t.luns.clone(),
+                store: t.store.clone(),
+                data_dir: t.data_dir.clone(),
+                port_groups: t.scsi.port_groups(),
+            })
+            .collect()
+    }
+
+    /// Serves `l` as a new LUN of `target` at once: initiators logged in
+    /// get REPORTED LUNS DATA HAS CHANGED.
+    pub fn add_lun(&self, target: &str, l: LunConfig) -> anyhow::Result<()> {
+        let (store, data_dir) = {
+            let targets = self.targets.read();
+            let t = targets
+                .get(target)
+                .with_context(|| format!("no target {target} is served here"))?;
+            if t.luns.iter().any(|x| x.id == l.id) {
+                anyhow::bail!("{target} already has a LUN {}", l.id);
+            }
+            (t.store.clone(), t.data_dir.clone())
+        };
+        let (lun, _) = build_lun(target, &l, store.as_ref(), &data_dir, &self.metrics)?;
+        {
+            let mut targets = self.targets.write();
+            let t = targets
+                .get_mut(target)
+                .with_context(|| format!("{target} went away"))?;
+            if t.luns.iter().any(|x| x.id == l.id) {
+                anyhow::bail!("{target} already has a LUN {}", l.id);
+            }
+            t.scsi.add_lun(lun);
+            t.block_sizes.push((l.id, l.block_size));
+            t.luns.push(l);
+            t.luns.sort_by_key(|x| x.id);
+        }
+        self.republish_lun_map();
+        Ok(())
+    }
+
+    /// Stops serving LUN `id` of `target`. Its data stays in the aggregate
+    /// (or its image file): adding a LUN of the same name serves it again.
+    pub fn remove_lun(&self, target: &str, id: u64) -> anyhow::Result<LunConfig> {
+        let l = {
+            let mut targets = self.targets.write();
+            let t = targets
+                .get_mut(target)
+                .with_context(|| format!("no target {target} is served here"))?;
+            let pos = t
+                .luns
+                .iter()
+                .position(|x| x.id == id)
+                .with_context(|| format!("{target} has no LUN {id}"))?;
+            t.scsi.remove_lun(id);
+            t.block_sizes.retain(|(x, _)| *x != id);
+            t.luns.remove(pos)
+        };
+        self.republish_lun_map();
+        Ok(l)
+    }
+
+    /// Replaces who may log in to `target` (empty: everyone). Checked at
+    /// every login, so it applies to the next one.
+    pub fn set_allowed(&self, target: &str, allowed: Vec<String>) -> anyhow::Result<()> {
+        let mut targets = self.targets.write();
+        let t = targets
+            .get_mut(target)
+            .with_context(|| format!("no target {target} is served here"))?;
+        t.allowed = allowed;
+        Ok(())
+    }
+
+    /// Replaces the CHAP secrets of `target` (None: no CHAP).
+    pub fn set_chap(&self, target: &str, chap: Option<ChapConfig>) -> anyhow::Result<()> {
+        let mut targets = self.targets.write();
+        let t = targets
+            .get_mut(target)
+            .with_context(|| format!("no target {target} is served here"))?;
+        t.chap = chap;
+        Ok(())
+    }
+
+    /// A pair partner finds our store LUNs by the map in our data
+    /// directory: keep it in step with live LUN changes.
+    fn republish_lun_map(&self) {
+        if self.config.pair.is_none() {
+            return;
+        }
+        let Some(own) = &self.store else { return };
+        let mut map = Vec::new();
+        for (name, t) in self.targets.read().iter() {
+            if !t.store.as_ref().is_some_and(|s| Arc::ptr_eq(s, own)) {
+                continue;
+            }
+            for l in t.luns.iter().filter(|l| l.backend == Backend::Store) {
+                if let Some(info) = own.aggregate().lun_by_name(&l.name()) {
+                    map.push(LunMapEntry {
+                        target: name.clone(),
+                        lun: l.id,
+                        aggr_lun: info.id,
+                        block_size: l.block_size,
+                    });
+                }
+            }
+        }
+        crate::partner::publish_lun_map(&self.data_dir, &map);
     }
 
     /// Sets the ALUA state of port group `group` on every target served.
@@ -290,55 +429,9 @@ pub fn build_targets(
     for t in &config.targets {
         let mut luns = Vec::new();
         for l in &t.luns {
-            // validated by Config::parse
-            let size = parse_size(&l.size).unwrap_or(0);
-            let device: Arc<dyn BlockDevice> = match l.backend {
-                Backend::Store => {
-                    let store = store.context("store backend without an aggregate")?;
-                    let id = store
-                        .ensure_lun(&l.name(), size, l.block_size)
-                        .with_context(|| format!("LUN {} of {}", l.id, t.name))?;
-                    lun_map.push(LunMapEntry {
-                        target: t.name.clone(),
-                        lun: l.id,
-                        aggr_lun: id,
-                        block_size: l.block_size,
-                    });
-                    Arc::new(StoreDevice::new(store.clone(), id, l.block_size))
-                }
-                Backend::File => {
-                    let dir = data_dir.join("luns").join(file_safe(&t.name));
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                    let path = dir.join(format!("{}.img", l.name()));
-                    Arc::new(
-                        FileDevice::open(&path, size, l.block_size)
-                            .with_context(|| format!("opening LUN image {}", path.display()))?,
-                    )
-                }
-                Backend::Memory => Arc::new(nvtarget_scsi::MemDevice::new(
-                    size / l.block_size as u64,
-                    l.block_size,
-                )),
-            };
-            let device: Arc<dyn BlockDevice> =
-                Arc::new(MeteredDevice::new(device, metrics, &t.name, l.id));
-            let serial = serial_for(&t.name, l.id);
-            luns.push(ScsiLun {
-                id: l.id,
-                device,
-                vendor: "NVTARGET".into(),
-                product: "nvtarget LUN".into(),
-                serial: serial.clone(),
-                naa_id: naa_for(&t.name, l.id),
-                removable: l.removable,
-                read_only: l.read_only,
-                pr_store: Some(Arc::new(crate::prstore::FilePrStore::new(
-                    data_dir
-                        .join("pr")
-                        .join(format!("{}-{}.pr", file_safe(&t.name), l.id)),
-                ))),
-            });
+            let (lun, entry) = build_lun(&t.name, l, store, data_dir, metrics)?;
+            lun_map.extend(entry);
+            luns.push(lun);
         }
         let mut tc = ScsiTargetConfig::single_port(&t.name);
         if let Some(a) = alua {
@@ -360,6 +453,9 @@ pub fn build_targets(
                 allowed: t.allowed_initiators.clone(),
                 chap: t.chap.as_ref().map(ChapConfig::from),
                 block_sizes: t.luns.iter().map(|l| (l.id, l.block_size)).collect(),
+                luns: t.luns.clone(),
+                store: store.cloned(),
+                data_dir: data_dir.to_path_buf(),
             },
         ));
     }
@@ -367,6 +463,75 @@ pub fn build_targets(
         crate::partner::publish_lun_map(data_dir, &lun_map);
     }
     Ok(targets)
+}
+
+/// One LUN's device and SCSI identity; for a store LUN also its place in
+/// the aggregate (the partner's map for live replay).
+fn build_lun(
+    target: &str,
+    l: &LunConfig,
+    store: Option<&Arc<Store>>,
+    data_dir: &Path,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(ScsiLun, Option<LunMapEntry>)> {
+    // validated by Config::parse
+    let size = parse_size(&l.size).unwrap_or(0);
+    let mut map_entry = None;
+    let device: Arc<dyn BlockDevice> = match l.backend {
+        Backend::Store => {
+            let store = store.context("store backend without an aggregate")?;
+            let id = store
+                .ensure_lun(&l.name(), size, l.block_size)
+                .with_context(|| format!("LUN {} of {target}", l.id))?;
+            map_entry = Some(LunMapEntry {
+                target: target.to_string(),
+                lun: l.id,
+                aggr_lun: id,
+                block_size: l.block_size,
+            });
+            Arc::new(StoreDevice::new(store.clone(), id, l.block_size))
+        }
+        Backend::File => {
+            let path = lun_file(data_dir, target, l);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Arc::new(
+                FileDevice::open(&path, size, l.block_size)
+                    .with_context(|| format!("opening LUN image {}", path.display()))?,
+            )
+        }
+        Backend::Memory => Arc::new(nvtarget_scsi::MemDevice::new(
+            size / l.block_size as u64,
+            l.block_size,
+        )),
+    };
+    let device: Arc<dyn BlockDevice> = Arc::new(MeteredDevice::new(device, metrics, target, l.id));
+    let lun = ScsiLun {
+        id: l.id,
+        device,
+        vendor: "NVTARGET".into(),
+        product: "nvtarget LUN".into(),
+        serial: serial_for(target, l.id),
+        naa_id: naa_for(target, l.id),
+        removable: l.removable,
+        read_only: l.read_only,
+        pr_store: Some(Arc::new(crate::prstore::FilePrStore::new(
+            data_dir
+                .join("pr")
+                .join(format!("{}-{}.pr", file_safe(target), l.id)),
+        ))),
+    };
+    Ok((lun, map_entry))
+}
+
+/// Where a file-backend LUN keeps its image.
+pub fn lun_file(data_dir: &Path, target: &str, l: &LunConfig) -> PathBuf {
+    data_dir
+        .join("luns")
+        .join(file_safe(target))
+        .join(format!("{}.img", l.name()))
 }
 
 fn allowed(list: &[String], initiator: &str) -> bool {

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Node a serves `iqn.2026-11.io.nvtarget:a` LUN 0 on 127.0.0.1, node b
-//! `iqn.2026-11.io.nvtarget:b` LUN 0 on 127.0.0.2, both on the same port.
+//! `iqn.2026-11.io.nvtarget:b` LUN 0 on 127.0.0.2, both on the same port;
+//! each serves Prometheus metrics on its own address at port + 20.
 //! The data directories stand for shared storage: each node can open the
 //! other's aggregate and mailbox. The drill uses [`PairSpec`] with other
 //! ports and with the interconnect routed through a relay it can cut.
@@ -36,6 +37,8 @@ pub struct PairSpec {
     /// What each node dials to reach its partner's interconnect: normally the
     /// partner's listener, a relay in the drill.
     pub partner_interconnect: [SocketAddr; 2],
+    /// Each node's metrics endpoint (`node.metrics`), if any.
+    pub metrics: [Option<SocketAddr>; 2],
     pub lun_size: String,
     pub aggregate_size: String,
     pub nvram_size: String,
@@ -46,12 +49,18 @@ pub struct PairSpec {
 
 impl PairSpec {
     /// The standard layout: portals 127.0.0.1:`port` and 127.0.0.2:`port`,
-    /// interconnects on `port + 10` of the same addresses.
+    /// interconnects on `port + 10` and metrics on `port + 20` of the same
+    /// addresses.
     pub fn local(dir: &Path, port: u16) -> PairSpec {
         let ip = |n: u8| std::net::IpAddr::from([127, 0, 0, n]);
         let ic = port.wrapping_add(10);
         let interconnect = [SocketAddr::new(ip(1), ic), SocketAddr::new(ip(2), ic)];
+        let mp = port.wrapping_add(20);
         PairSpec {
+            metrics: [
+                Some(SocketAddr::new(ip(1), mp)),
+                Some(SocketAddr::new(ip(2), mp)),
+            ],
             dir: dir.to_path_buf(),
             portal: [SocketAddr::new(ip(1), port), SocketAddr::new(ip(2), port)],
             interconnect,
@@ -94,7 +103,7 @@ impl PairSpec {
 [node]
 data_dir = "{name}"
 aggregate_size = "{aggr}"
-nvram_size = "{nvram}"
+nvram_size = "{nvram}"{metrics}
 
 [[portal]]
 listen = "{portal}"
@@ -125,6 +134,9 @@ block_size = 512
             partner = NODES[other],
             aggr = self.aggregate_size,
             nvram = self.nvram_size,
+            metrics = self.metrics[node]
+                .map(|m| format!("\nmetrics = \"{m}\""))
+                .unwrap_or_default(),
             portal = self.portal[node],
             tpgt = node + 1,
             ic = self.interconnect[node],
@@ -226,9 +238,10 @@ pub fn up(spec: &PairSpec) -> anyhow::Result<()> {
         loop {
             if wait_listening(spec.portal[n], Duration::from_millis(200)) {
                 println!(
-                    "node {name} pid {pid} portal {} target {} (log {})",
+                    "node {name} pid {pid} portal {} target {} metrics {} (log {})",
                     spec.portal[n],
                     PairSpec::target_name(n),
+                    spec.metrics[n].map_or("off".to_string(), |m| format!("http://{m}/metrics")),
                     spec.log_path(n).display()
                 );
                 break;
@@ -426,6 +439,9 @@ mod tests {
             assert_eq!(p.node, *name);
             assert_eq!(p.partner_interconnect, spec.interconnect[1 - n].to_string());
             assert_eq!(p.partner_portal, spec.portal[1 - n].to_string());
+            // `pair up` turns metrics on, one endpoint per node address.
+            let m: SocketAddr = cfg.node.metrics.as_deref().unwrap().parse().unwrap();
+            assert_eq!((m.ip(), m.port()), (spec.portal[n].ip(), 3280));
             assert_eq!(cfg.targets[0].name, PairSpec::target_name(n));
         }
     }

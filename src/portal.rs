@@ -97,6 +97,13 @@ struct SessionEntry {
     tsih: u16,
     cid: u16,
     conn_id: u64,
+    /// For `nvtarget status`: the name as the initiator spelled it, where
+    /// it came from, the portal it reached and when it logged in.
+    initiator_name: String,
+    peer: SocketAddr,
+    portal: Option<SocketAddr>,
+    tpgt: u16,
+    since_unix_ms: u64,
     /// Tells the connection's task to close.
     stop: Arc<Notify>,
     /// Becomes true when the task has finished its cleanup.
@@ -114,6 +121,44 @@ static SESSIONS: LazyLock<Mutex<HashMap<SessionKey, SessionEntry>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 static TSIHS: LazyLock<SessionIds> = LazyLock::new(SessionIds::default);
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A logged-in normal session, as `nvtarget status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionSummary {
+    pub initiator: String,
+    /// The ISID in hex.
+    pub isid: String,
+    pub target: String,
+    pub tsih: u16,
+    pub cid: u16,
+    /// The initiator's address.
+    pub peer: String,
+    /// The portal address it connected to.
+    pub portal: Option<String>,
+    pub tpgt: u16,
+    pub since_unix_ms: u64,
+}
+
+/// Every logged-in normal session of this process, by target then initiator.
+pub fn sessions() -> Vec<SessionSummary> {
+    let mut v: Vec<SessionSummary> = SESSIONS
+        .lock()
+        .iter()
+        .map(|(k, e)| SessionSummary {
+            initiator: e.initiator_name.clone(),
+            isid: k.isid.iter().map(|b| format!("{b:02x}")).collect(),
+            target: k.target.clone(),
+            tsih: e.tsih,
+            cid: e.cid,
+            peer: e.peer.to_string(),
+            portal: e.portal.map(|a| a.to_string()),
+            tpgt: e.tpgt,
+            since_unix_ms: e.since_unix_ms,
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.target, &a.initiator, &a.isid).cmp(&(&b.target, &b.initiator, &b.isid)));
+    v
+}
 
 /// The node as seen by the login code.
 struct NodeDirectory {
@@ -232,25 +277,9 @@ fn nexus_for(info: &LoginInfo, tpgt: u16) -> ItNexus {
 
 /// Registers the session, closing whatever held the same key (reinstatement)
 /// and waiting for it so its cleanup cannot touch the new session's state.
-async fn register(
-    key: SessionKey,
-    tsih: u16,
-    cid: u16,
-    conn_id: u64,
-    stop: Arc<Notify>,
-    ended: watch::Receiver<bool>,
-    peer: SocketAddr,
-) {
-    let old = SESSIONS.lock().insert(
-        key.clone(),
-        SessionEntry {
-            tsih,
-            cid,
-            conn_id,
-            stop,
-            ended,
-        },
-    );
+async fn register(key: SessionKey, entry: SessionEntry) {
+    let (peer, tsih) = (entry.peer, entry.tsih);
+    let old = SESSIONS.lock().insert(key.clone(), entry);
     if let Some(old) = old {
         tracing::info!(%peer, initiator = %key.initiator, target = %key.target, old_tsih = old.tsih, new_tsih = tsih, "session reinstatement");
         old.stop.notify_one();
@@ -277,6 +306,8 @@ async fn run_connection(
 ) -> String {
     // Small PDUs (R2T, responses) must not wait for Nagle.
     let _ = sock.set_nodelay(true);
+    let local = sock.local_addr().ok();
+    let _open = ConnectionGauge::new(node.metrics());
     let tpgt = cfg.tpgt;
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
     let stop = Arc::new(Notify::new());
@@ -328,12 +359,18 @@ async fn run_connection(
                         };
                         register(
                             key.clone(),
-                            info.tsih,
-                            info.cid,
-                            conn_id,
-                            stop.clone(),
-                            ended_rx.clone(),
-                            peer,
+                            SessionEntry {
+                                tsih: info.tsih,
+                                cid: info.cid,
+                                conn_id,
+                                stop: stop.clone(),
+                                ended: ended_rx.clone(),
+                                initiator_name: info.initiator_name.clone(),
+                                peer,
+                                portal: local,
+                                tpgt,
+                                since_unix_ms: crate::ha::unix_ms(),
+                            },
                         )
                         .await;
                         let block_sizes = node.block_sizes(&key.target).into_iter().collect();
@@ -495,6 +532,22 @@ async fn run_connection(
     }
     let _ = ended_tx.send(true);
     reason
+}
+
+/// Counts an open connection in the metrics for as long as it lives.
+struct ConnectionGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl ConnectionGauge {
+    fn new(m: &crate::metrics::Metrics) -> Self {
+        m.connections.inc();
+        ConnectionGauge(m.connections.clone())
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

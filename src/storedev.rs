@@ -199,11 +199,14 @@ impl Store {
         for p in replay.report.problems() {
             tracing::warn!(problem = %p, "NVRAM log");
         }
-        for rec in replay.records() {
+        let mut progress = crate::progress::Progress::new("replaying the NVRAM log");
+        for (i, rec) in replay.records().enumerate() {
             let rec = rec.context("reading a log record to replay")?;
             apply_record(&aggr, &rec);
             aggr.note_applied_seq(rec.seq);
+            progress.update(i as u64 + 1, n as u64, "records");
         }
+        progress.finish();
         let takeover = floor > aggr.highest_seq();
         if let Some(ticket) = replay.take_ticket() {
             if takeover && n == 0 {
@@ -289,7 +292,10 @@ impl Store {
             })
             .map_err(log_err)?;
         if let Some(m) = mirror {
-            m.wait(seq)?;
+            let t = Instant::now();
+            let acked = m.wait(seq);
+            self.metrics.mirror_wait.observe(t.elapsed().as_secs_f64());
+            acked?;
         }
         Ok(r)
     }

@@ -1,11 +1,15 @@
 //! The metrics endpoint moves with the load: per-LUN operations, bytes and
-//! latency buckets for reads and writes.
+//! latency buckets for reads and writes; sessions and connections while the
+//! load runs; NVRAM log records and fill; consistency points.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -87,6 +91,122 @@ fn counters_follow_the_load() {
         .find(|l| !l.contains("+Inf"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
     assert!(bucket.is_some(), "{after}");
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A small NVRAM log so the load fills halves and drives CPs; metrics on
+/// from the configuration (`node.metrics`), not the command line.
+#[test]
+fn sessions_nvram_and_cps_follow_the_load() {
+    let dir = temp_dir("metrics-ops");
+    let mport = free_port();
+    let cfg = dir.join("nvtarget.toml");
+    let text = std::fs::read_to_string("examples/default.toml")
+        .unwrap()
+        .replace(
+            "[node]\n",
+            &format!("[node]\nnvram_size = \"4MiB\"\nmetrics = \"127.0.0.1:{mport}\"\n"),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let target = Target::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let port = target.port;
+    let before = scrape(mport);
+    assert_eq!(sample(&before, "nvtarget_connections "), 0.0, "{before}");
+    let sessions = format!("nvtarget_sessions{{target=\"{TARGET_IQN}\"}}");
+    assert_eq!(sample(&before, &sessions), 0.0, "{before}");
+
+    const WRITES: u64 = 200;
+    let logged_in = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (logged_in, done) = (logged_in.clone(), done.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let c = Client::connect(
+                    &format!("127.0.0.1:{port}"),
+                    &LoginOptions::new(INIT1, TARGET_IQN),
+                )
+                .await
+                .unwrap();
+                c.clear_unit_attentions(0).await.unwrap();
+                logged_in.store(true, Ordering::Release);
+                // 200 x 64 KiB = 12.5 MiB through a 4 MiB log: CPs must run.
+                for i in 0..WRITES {
+                    c.write16(0, i * 128, Bytes::from(vec![i as u8; 65536]), 512, false)
+                        .await
+                        .unwrap();
+                    if i % 20 == 0 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                done.store(true, Ordering::Release);
+                // Stay logged in until the main thread has looked.
+                while done.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                c.logout().await.unwrap();
+            });
+        })
+    };
+    while !logged_in.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Scrapes during the load.
+    let mut saw_fill = false;
+    let mut during = String::new();
+    while !done.load(Ordering::Acquire) {
+        during = scrape(mport);
+        assert_eq!(sample(&during, &sessions), 1.0, "{during}");
+        assert!(sample(&during, "nvtarget_connections ") >= 1.0, "{during}");
+        saw_fill |= (0..2).any(|h| {
+            sample(
+                &during,
+                &format!("nvtarget_nvram_half_used_bytes{{half=\"{h}\"}}"),
+            ) > 0.0
+        });
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(!during.is_empty(), "the load ended before any scrape");
+    assert!(saw_fill, "no NVRAM half ever held a record: {during}");
+    let after = scrape(mport);
+    done.store(false, Ordering::Release);
+    load.join().unwrap();
+
+    let delta = |p: &str| sample(&after, p) - sample(&before, p);
+    assert!(
+        delta("nvtarget_nvram_records_total") >= WRITES as f64,
+        "{after}"
+    );
+    assert!(
+        delta("nvtarget_nvram_bytes_total") >= (WRITES * 65536) as f64,
+        "{after}"
+    );
+    assert!(delta("nvtarget_cp_total") >= 2.0, "{after}");
+    assert!(
+        delta("nvtarget_cp_duration_seconds_count") >= 2.0,
+        "{after}"
+    );
+    let cap = sample(&after, "nvtarget_nvram_half_capacity_bytes ");
+    assert!(cap > 0.0 && cap < (4 << 20) as f64, "{after}");
+    // Not a pair: no HA series.
+    assert!(!after.contains("nvtarget_ha_state{"), "{after}");
+
+    // Logged out: the session and its connection are gone.
+    let mut gone = String::new();
+    for _ in 0..100 {
+        gone = scrape(mport);
+        if sample(&gone, &sessions) == 0.0 && sample(&gone, "nvtarget_connections ") == 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sample(&gone, &sessions), 0.0, "{gone}");
+    assert_eq!(sample(&gone, "nvtarget_connections "), 0.0, "{gone}");
     drop(target);
     let _ = std::fs::remove_dir_all(&dir);
 }

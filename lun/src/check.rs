@@ -290,7 +290,12 @@ fn run(
     avail: i64,
     reserved: u64,
     read_only: bool,
+    progress: &mut dyn FnMut(u64, u64, &str),
 ) -> CheckReport {
+    // Units of work for `progress`: each tree, then the data checksums,
+    // then the reference counts.
+    let units = (catalog.luns.len() + catalog.snaps.len()) as u64 + 2;
+    let mut done = 0u64;
     let total = sb.total_blocks;
     let mut w = Walker {
         storage,
@@ -363,7 +368,10 @@ fn run(
         if !names.insert(&l.name) {
             w.report.error(format!("duplicate LUN name {}", l.name));
         }
-        check_tree(&mut w, &l.tree, &format!("LUN {}", l.name));
+        let what = format!("LUN {}", l.name);
+        progress(done, units, &what);
+        check_tree(&mut w, &l.tree, &what);
+        done += 1;
     }
     let mut snap_names = HashSet::new();
     for s in catalog.snaps.values() {
@@ -377,9 +385,15 @@ fn run(
             w.report
                 .error(format!("duplicate snapshot name {}", s.name));
         }
-        check_tree(&mut w, &s.tree, &format!("snapshot {}", s.name));
+        let what = format!("snapshot {}", s.name);
+        progress(done, units, &what);
+        check_tree(&mut w, &s.tree, &what);
+        done += 1;
     }
+    progress(done, units, "data checksums");
     w.verify_data();
+    done += 1;
+    progress(done, units, "reference counts");
 
     for (b, k) in w.kind.iter().enumerate().skip(FIRST_FREE_BLOCK as usize) {
         match k {
@@ -440,6 +454,12 @@ impl Aggregate {
     /// Verifies the whole committed aggregate (see module docs). Blocks CPs
     /// while it runs; reads and writes continue.
     pub fn check(&self) -> CheckReport {
+        self.check_with_progress(&mut |_, _, _| {})
+    }
+
+    /// `check`, telling `progress(done, total, what)` before each unit of
+    /// work (a LUN's or snapshot's tree, the data checksums, the counts).
+    pub fn check_with_progress(&self, progress: &mut dyn FnMut(u64, u64, &str)) -> CheckReport {
         let ro = self.read_only_reason().map(str::to_owned);
         let mut r =
             self.with_check_state(|storage, sb, cat, cat_blocks, alloc, avail, reserved| {
@@ -452,6 +472,7 @@ impl Aggregate {
                     avail,
                     reserved,
                     ro.is_some(),
+                    progress,
                 )
             });
         if let Some(reason) = ro {

@@ -193,7 +193,16 @@ pub fn aggr_check_cmd(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn aggr_check_on(agg: &Aggregate, out: &mut dyn Write) -> anyhow::Result<()> {
-    let r = agg.check();
+    aggr_check_with(agg, out, &mut |_, _, _| {})
+}
+
+/// `aggr_check_on` reporting progress as `Aggregate::check_with_progress`.
+pub fn aggr_check_with(
+    agg: &Aggregate,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(u64, u64, &str),
+) -> anyhow::Result<()> {
+    let r = agg.check_with_progress(progress);
     writeln!(out, "{r}")?;
     if !r.is_clean() {
         bail!("aggregate check found {} errors", r.error_count);

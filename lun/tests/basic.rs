@@ -618,3 +618,29 @@ fn fragmented_reads_on_file_storage() {
     drop(agg);
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn check_reports_progress_per_tree_then_the_counts() {
+    let (_fs, agg) = new_mem(1024);
+    let a = agg.create_lun("a", 1 << 20).unwrap();
+    agg.create_lun("b", 1 << 20).unwrap();
+    agg.write(a, 0, &pattern(3, 8192)).unwrap();
+    agg.cp(1).unwrap();
+    agg.snapshot_create(a, "s").unwrap();
+    let mut seen = Vec::new();
+    let r = agg
+        .check_with_progress(&mut |done, total, what| seen.push((done, total, what.to_string())));
+    assert!(r.is_clean(), "{r}");
+    // Two LUNs and one snapshot, then the data checksums and the counts.
+    let total = 5;
+    assert!(seen.iter().all(|s| s.1 == total), "{seen:?}");
+    let dones: Vec<u64> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(dones, [0, 1, 2, 3, 4], "{seen:?}");
+    let whats: Vec<&str> = seen.iter().map(|s| s.2.as_str()).collect();
+    assert!(
+        whats.contains(&"LUN a") && whats.contains(&"LUN b"),
+        "{whats:?}"
+    );
+    assert_eq!(whats[2], "snapshot s");
+    assert_eq!(&whats[3..], ["data checksums", "reference counts"]);
+}

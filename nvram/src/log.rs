@@ -124,6 +124,9 @@ pub struct LogStats {
     /// Bytes of records in the active half.
     pub active_used: u64,
     pub half_capacity: u64,
+    /// Bytes of records in each half: the active one, and a frozen one
+    /// while its CP runs (a free half holds none).
+    pub half_used: [u64; 2],
     pub cp_in_progress: bool,
 }
 
@@ -747,6 +750,10 @@ impl Log {
             active_half: st.active,
             active_used: self.used(&st.halves[st.active], st.active),
             half_capacity: self.layout.half_capacity(),
+            half_used: [0, 1].map(|i| match st.halves[i].header.state {
+                HalfUse::Free => 0,
+                _ => self.used(&st.halves[i], i),
+            }),
             cp_in_progress: st.cp.is_some() && !st.recovering,
             ..st.stats
         }
