@@ -126,6 +126,10 @@ struct Shared {
     neg: Negotiated,
     /// StatSN of the last status seen, plus one.
     exp_statsn: AtomicU32,
+    /// The reader ended: set under the `pending` lock, so a command issued
+    /// after the connection dropped fails at once instead of waiting for
+    /// a completion nobody will deliver (the full command timeout).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// One logged-in session.
@@ -265,6 +269,7 @@ impl Client {
             tx,
             neg,
             exp_statsn: AtomicU32::new(be32(&h, 24).wrapping_add(1)),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let writer = tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
@@ -287,7 +292,9 @@ impl Client {
                 }
             };
             let _ = err;
-            for (_, p) in sh.pending.lock().drain() {
+            let mut pending = sh.pending.lock();
+            sh.closed.store(true, Ordering::Release);
+            for (_, p) in pending.drain() {
                 let _ = p.done.send(Err(ClientError::Closed));
             }
         });
@@ -357,15 +364,21 @@ impl Client {
         } else {
             0
         };
-        self.shared.pending.lock().insert(
-            itt,
-            Pending {
-                done,
-                data: BytesMut::new(),
-                out: data_out.clone(),
-                lun,
-            },
-        );
+        {
+            let mut pending = self.shared.pending.lock();
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed);
+            }
+            pending.insert(
+                itt,
+                Pending {
+                    done,
+                    data: BytesMut::new(),
+                    out: data_out.clone(),
+                    lun,
+                },
+            );
+        }
         {
             // CmdSN order on the wire must match CmdSN order of assignment.
             let mut sn = self.cmdsn.lock();
