@@ -54,8 +54,12 @@ die() {
 PIDS=()     # processes we started, killed by PID on exit
 TMPDIRS=()  # scratch dirs removed on exit
 MOUNTS=()   # chroot mounts to undo on exit
+CLEANUP_FNS=() # functions run first on exit (e.g. stop an HA pair)
 cleanup() {
-    local rc=$? p m d
+    local rc=$? p m d f
+    for f in "${CLEANUP_FNS[@]}"; do
+        "$f" || true
+    done
     for p in "${PIDS[@]}"; do
         kill "$p" 2>/dev/null || true
     done
@@ -316,54 +320,70 @@ free_port() {
     die "no free TCP port found"
 }
 
-start_target() { # $1 run dir
-    local run=$1 bin=${NVTARGET_BIN:-}
-    if [[ -z $bin ]]; then
-        bin=$REPO/target/release/nvtarget
-        # Build (or just check, when it is up to date) the target from this
-        # checkout, so the lab never tests a stale binary.
+# Sets NVT_BIN: $NVTARGET_BIN, or this checkout's release binary (under
+# $CARGO_TARGET_DIR when set, like cargo itself), built first so the lab never
+# tests a stale binary (a no-op when up to date).
+resolve_bin() { # $1 run dir (for cargo.log)
+    local run=$1
+    NVT_BIN=${NVTARGET_BIN:-}
+    if [[ -z $NVT_BIN ]]; then
+        local tdir=${CARGO_TARGET_DIR:-target}
+        [[ $tdir == /* ]] || tdir=$REPO/$tdir
+        NVT_BIN=$tdir/release/nvtarget
         if command -v cargo >/dev/null; then
             log "target: cargo build --release --bin nvtarget (a no-op when up to date)"
             (cd "$REPO" && cargo build --release --bin nvtarget) >"$run/cargo.log" 2>&1 || {
                 tail -30 "$run/cargo.log" >&2
                 die "cargo build --release failed (log: $run/cargo.log)"
             }
-        elif [[ ! -x $bin ]]; then
-            die "$bin missing and no cargo to build it (set NVTARGET_BIN)"
+        elif [[ ! -x $NVT_BIN ]]; then
+            die "$NVT_BIN missing and no cargo to build it (set NVTARGET_BIN)"
         fi
     fi
-    [[ -x $bin ]] || die "nvtarget binary $bin not found"
-    TARGET_PORT=$(free_port)
-    mkdir -p "$run/target-data"
-    log "target: $bin serve --listen 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
-    "$bin" serve --listen "127.0.0.1:$TARGET_PORT" --data-dir "$run/target-data" >"$run/target.log" 2>&1 &
-    TARGET_PID=$!
-    PIDS+=("$TARGET_PID")
-    for _ in $(seq 1 100); do
-        kill -0 "$TARGET_PID" 2>/dev/null || {
-            tail -20 "$run/target.log" >&2
-            die "nvtarget exited at startup"
-        }
+    [[ -x $NVT_BIN ]] || die "nvtarget binary $NVT_BIN not found"
+}
+
+wait_listening() { # addr port pid what
+    local i
+    for i in $(seq 1 100); do
+        kill -0 "$3" 2>/dev/null || return 1
         # A bare connect-and-close: the target logs it as a short-lived connection.
-        (exec 3<>"/dev/tcp/127.0.0.1/$TARGET_PORT") 2>/dev/null && return 0
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
         sleep 0.2
     done
-    die "nvtarget not listening on 127.0.0.1:$TARGET_PORT after 20s"
+    return 1
+}
+
+start_target() { # $1 run dir
+    local run=$1
+    resolve_bin "$run"
+    TARGET_PORT=$(free_port)
+    mkdir -p "$run/target-data"
+    log "target: $NVT_BIN serve --listen 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
+    "$NVT_BIN" serve --listen "127.0.0.1:$TARGET_PORT" --data-dir "$run/target-data" >"$run/target.log" 2>&1 &
+    TARGET_PID=$!
+    PIDS+=("$TARGET_PID")
+    wait_listening 127.0.0.1 "$TARGET_PORT" "$TARGET_PID" || {
+        tail -20 "$run/target.log" >&2
+        die "nvtarget not listening on 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
+    }
 }
 
 # ------------------------------------------------------------------ guest
+# The scenario sets, before boot_guest:
+#   GUEST_ENV   lines KEY=value for the guest's /lab/env
+#   GUEST_FWDS  "guest-ip:port=host-ip:port" forwards (guestfwd mode)
+# and may define on_guest_line (called with every console line as it appears,
+# within ~0.2 s; host-side actions the guest asks for, e.g. killing a node).
+GUEST_ENV=()
+GUEST_FWDS=()
+on_guest_line() { :; }
+
 boot_guest() { # $1 run dir, $2 scenario script
     local run=$1 script=$2 cfg=$1/config
     mkdir -p "$cfg"
     install -m 0755 "$script" "$cfg/run.sh"
-    cat >"$cfg/env" <<EOF
-LAB_IQN=$LAB_IQN
-LAB_PORTAL=$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT
-LAB_HOST_PORTAL=127.0.0.1:$TARGET_PORT
-LAB_LUN_BYTES=$LAB_LUN_BYTES
-LAB_FIO_RUNTIME=$LAB_FIO_RUNTIME
-LAB_FIO_SIZE=$LAB_FIO_SIZE
-EOF
+    printf '%s\n' "${GUEST_ENV[@]}" >"$cfg/env"
     mkfs.ext4 -q -F -L labcfg -d "$cfg" "$run/config.img" 8M >/dev/null 2>&1 || die "mkfs.ext4 config disk failed"
 
     local accel_args timeout
@@ -385,7 +405,10 @@ EOF
     case ${LAB_NET:-guestfwd} in
     guestfwd)
         netdev="user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2"
-        netdev+=",guestfwd=tcp:$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT-cmd:socat -lf /dev/null - TCP:127.0.0.1:$TARGET_PORT"
+        local f
+        for f in "${GUEST_FWDS[@]}"; do
+            netdev+=",guestfwd=tcp:${f%%=*}-cmd:socat -lf /dev/null - TCP:${f#*=}"
+        done
         ;;
     hostlo)
         # Alternative, kept for comparison (see README): no restrict, the
@@ -434,6 +457,7 @@ EOF
                 fi
                 [[ $line == LAB-BOOT* ]] && reached_init=1
                 [[ $line == LAB-EXIT* ]] && GUEST_RC=${line#LAB-EXIT }
+                on_guest_line "$line"
             done < <(sed -n "$((seen + 1)),${n}p" "$CONSOLE")
             seen=$n
         fi
@@ -449,7 +473,7 @@ EOF
             GUEST_RC=timeout
             break
         fi
-        sleep 1
+        sleep 0.2
     done
     wait "$QEMU_PID" 2>/dev/null || true
     GUEST_S=$((SECONDS - t0))
@@ -478,6 +502,15 @@ cmd_smoke() {
     mkdir -p "$LAB_DIR"
     run=$(mktemp -d "$LAB_DIR/run-smoke-$(date +%Y%m%d-%H%M%S)-XXXX")
     start_target "$run"
+    GUEST_ENV=(
+        "LAB_IQN=$LAB_IQN"
+        "LAB_PORTAL=$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT"
+        "LAB_HOST_PORTAL=127.0.0.1:$TARGET_PORT"
+        "LAB_LUN_BYTES=$LAB_LUN_BYTES"
+        "LAB_FIO_RUNTIME=$LAB_FIO_RUNTIME"
+        "LAB_FIO_SIZE=$LAB_FIO_SIZE"
+    )
+    GUEST_FWDS=("$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT=127.0.0.1:$TARGET_PORT")
     boot_guest "$run" "$LAB_SRC/guest/smoke.sh"
     kill "$TARGET_PID" 2>/dev/null || true
 
@@ -513,6 +546,214 @@ cmd_smoke() {
     return 1
 }
 
+# ------------------------------------------------------------------ failover
+# The HA pair (`nvtarget pair up`): node a on 127.0.0.1:PAIR_PORT (target
+# iqn.2026-11.io.nvtarget:a, tpgt 1), node b on 127.0.0.2:PAIR_PORT (target
+# ...:b, tpgt 2), interconnects on PAIR_PORT+10. The guest reaches a's portal
+# as 10.0.2.100:3260 and b's as 10.0.2.101:3260 (one socat per connection,
+# so after a takeover the forward of a's address reaches b, which took it).
+PAIR_DIR=""
+pair() { "$NVT_BIN" pair "$@" --data-dir "$PAIR_DIR" --port "$PAIR_PORT"; }
+pair_pid() { # node -> pid of that node if it is a running nvtarget we started
+    local pid comm
+    pid=$(cat "$PAIR_DIR/$1.pid" 2>/dev/null) || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == nvtarget* ]] || return 1
+    echo "$pid"
+}
+stop_pair() {
+    [[ -n $PAIR_DIR ]] || return 0
+    pair down >>"$PAIR_DIR/actions.log" 2>&1 && return 0
+    local n pid
+    for n in a b; do
+        pid=$(pair_pid "$n") && kill -9 "$pid" 2>/dev/null
+    done
+    return 0
+}
+pair_port() {
+    local p a
+    for _ in $(seq 1 50); do
+        p=$((32000 + RANDOM % 20000))
+        for a in 127.0.0.1:$p 127.0.0.2:$p 127.0.0.1:$((p + 10)) 127.0.0.2:$((p + 10)); do
+            (exec 3<>"/dev/tcp/${a%:*}/${a#*:}") 2>/dev/null && continue 2
+        done
+        echo "$p"
+        return
+    done
+    die "no free port pair found"
+}
+us_now() { local t=$EPOCHREALTIME; echo "${t/./}"; }
+pair_mirrored() { [[ $(pair status --json 2>/dev/null | grep -c '"mirrored": true') == 2 ]]; }
+ms_since() { echo $((($(us_now) - $1) / 1000)); }
+
+# Host actions requested by the guest (lab/guest/failover.sh).
+declare -A FO=() # host-side measurements, printed in the summary
+failover_on_line() {
+    local line=$1 what node pid t0 i addr st
+    [[ $line == "LAB-FAILOVER "* ]] || return 0
+    read -r _ what node _ <<<"$line"
+    addr=127.0.0.1
+    [[ $node == b ]] && addr=127.0.0.2
+    case $what in
+    kill)
+        # Only a mirrored pair can take over without losing acknowledged
+        # writes: after a giveback the pair needs a moment to mirror again.
+        t0=$(us_now)
+        for i in $(seq 1 150); do
+            pair_mirrored && break
+            sleep 0.2
+        done
+        pair_mirrored || log "failover: WARNING: the pair is not mirrored 30 s after the request; killing anyway"
+        FO[$node.wait_mirrored_ms]=$(ms_since "$t0")
+        pid=$(pair_pid "$node") || {
+            log "failover: node $node is not running; cannot kill it"
+            FO[$node.kill]="node not running"
+            return 0
+        }
+        t0=$(us_now)
+        kill -9 "$pid"
+        FO[$node.kill_unix]=$EPOCHREALTIME
+        log "failover: SIGKILL node $node (pid $pid)"
+        # Host view of the takeover: when does the node's portal address
+        # accept connections again (the survivor binds it)? First wait for
+        # the dead node's own listener to be gone.
+        for i in $(seq 1 500); do
+            st=$(awk '{sub(/^.*\) /, ""); print $1}' "/proc/$pid/stat" 2>/dev/null || true)
+            [[ -z $st || $st == Z || $st == X ]] && break
+            sleep 0.01
+        done
+        for i in $(seq 1 500); do
+            (exec 3<>"/dev/tcp/$addr/$PAIR_PORT") 2>/dev/null && break
+            sleep 0.02
+        done
+        if (exec 3<>"/dev/tcp/$addr/$PAIR_PORT") 2>/dev/null; then
+            FO[$node.portal_back_ms]=$(ms_since "$t0")
+            log "failover: $addr:$PAIR_PORT answers again $((FO[$node.portal_back_ms]))ms after the kill (survivor took the address)"
+        else
+            FO[$node.portal_back_ms]="not within 10 s"
+            log "failover: $addr:$PAIR_PORT does not answer 10 s after the kill"
+        fi
+        pair status >>"$PAIR_DIR/actions.log" 2>&1 || true
+        ;;
+    restart)
+        t0=$(us_now)
+        log "failover: restarting node $node (nvtarget pair up)"
+        if ! pair up >>"$PAIR_DIR/actions.log" 2>&1; then
+            FO[$node.restart]="pair up failed"
+            log "failover: pair up failed (see $PAIR_DIR/actions.log)"
+            return 0
+        fi
+        FO[$node.restart_ms]=$(ms_since "$t0")
+        t0=$(us_now)
+        if pair giveback --node "$node" >>"$PAIR_DIR/actions.log" 2>&1; then
+            FO[$node.giveback_ms]=$(ms_since "$t0")
+            log "failover: node $node up in $((FO[$node.restart_ms]))ms, giveback done in $((FO[$node.giveback_ms]))ms"
+        else
+            FO[$node.giveback]="failed"
+            log "failover: pair giveback --node $node failed (see $PAIR_DIR/actions.log)"
+        fi
+        pair status >>"$PAIR_DIR/actions.log" 2>&1 || true
+        ;;
+    esac
+}
+
+cmd_failover() {
+    [[ ${LAB_NET:-guestfwd} == guestfwd ]] || die "failover works with LAB_NET=guestfwd only"
+    local tools=(qemu-system-x86_64 mkfs.ext4 socat)
+    [[ -f $LAB_DIR/image-$(recipe_hash)/ok ]] || tools+=(debootstrap)
+    need_tools "${tools[@]}"
+    pick_accel
+    ensure_image
+    local run i
+    mkdir -p "$LAB_DIR"
+    run=$(mktemp -d "$LAB_DIR/run-failover-$(date +%Y%m%d-%H%M%S)-XXXX")
+    resolve_bin "$run"
+    PAIR_DIR=$run/pair
+    PAIR_PORT=$(pair_port)
+    CLEANUP_FNS+=(stop_pair)
+    log "pair: $NVT_BIN pair up --data-dir $PAIR_DIR --port $PAIR_PORT"
+    pair up >"$run/pair-up.log" 2>&1 || {
+        cat "$run/pair-up.log" >&2
+        die "pair up failed (logs: $PAIR_DIR/a.log, b.log)"
+    }
+    sed 's/^/    /' "$run/pair-up.log" >&2
+    # Both nodes mirrored before the guest starts: a takeover needs the log copy.
+    for i in $(seq 1 150); do
+        pair_mirrored && break
+        sleep 0.2
+    done
+    pair_mirrored ||
+        { pair status >&2; die "the pair did not reach mirrored state in 30 s"; }
+    log "pair: both nodes serving, mirrored"
+    GUEST_ENV=(
+        "LAB_PORTAL_1=10.0.2.100:3260"
+        "LAB_PORTAL_2=10.0.2.101:3260"
+        "LAB_IQN_A=iqn.2026-11.io.nvtarget:a"
+        "LAB_IQN_B=iqn.2026-11.io.nvtarget:b"
+        "LAB_FO_RUNTIME=${LAB_FO_RUNTIME:-75}"
+        "LAB_FO_WARMUP=${LAB_FO_WARMUP:-15}"
+        "LAB_FLIP_TIMEOUT=${LAB_FLIP_TIMEOUT:-45}"
+        "LAB_REPLACEMENT_TIMEOUT=${LAB_REPLACEMENT_TIMEOUT:-20}"
+    )
+    GUEST_FWDS=("10.0.2.100:3260=127.0.0.1:$PAIR_PORT" "10.0.2.101:3260=127.0.0.2:$PAIR_PORT")
+    on_guest_line() { failover_on_line "$1"; }
+    boot_guest "$run" "$LAB_SRC/guest/failover.sh"
+    pair status >"$run/pair-status-end.txt" 2>&1 || true
+    stop_pair
+
+    local result k
+    result=$(grep -a '^LAB-RESULT' "$CONSOLE" | tail -1 | tr -d '\r' || true)
+    echo
+    echo "=================== nvtarget lab: failover summary ==================="
+    echo "accel:          $ACCEL"
+    echo "image:          $IMAGE (kernel $(cat "$IMAGE/kernel-version"))"
+    echo "guest boot:     ${GUEST_BOOT_S:-?}s; guest total ${GUEST_S}s; whole run $(($(date +%s) - T_START))s"
+    echo "pair:           a 127.0.0.1:$PAIR_PORT (guest 10.0.2.100:3260), b 127.0.0.2:$PAIR_PORT (guest 10.0.2.101:3260), dir $PAIR_DIR"
+    echo "host side:"
+    for k in $(printf '%s\n' "${!FO[@]}" | sort); do
+        printf '  %-24s %s\n' "$k" "${FO[$k]}"
+    done
+    echo "guest side (LAB-FO):"
+    { grep -a '^LAB-FO ' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-FO /  /'
+    echo "REPORT TARGET PORT GROUPS per path (sg_rtpg -d):"
+    { grep -a '^LAB-RTPG ' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-RTPG /  /'
+    echo "multipath -ll snapshots:"
+    tr -d '\r' <"$CONSOLE" | sed 's/\x1b\[[0-9;]*m//g' | awk '/^LAB-MPATH-END/ {on = 0} on {print "    " $0} /^LAB-MPATH / {on = 1; print "  -- " $2}'
+    echo "checks passed:"
+    { grep -a '^LAB-OK' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-OK /  - /'
+    echo "takeover timeline from the survivor's log (ms after the SIGKILL):"
+    local n sv k0 t
+    for n in a b; do
+        [[ -n ${FO[$n.kill_unix]:-} ]] || continue
+        sv=b
+        [[ $n == b ]] && sv=a
+        k0=${FO[$n.kill_unix]}
+        sed 's/\x1b\[[0-9;]*m//g' "$PAIR_DIR/$sv.log" | grep -E 'taking over|takeover complete|giveback complete' |
+            while read -r t rest; do
+                t=$(date -d "$t" +%s.%N 2>/dev/null) || continue
+                awk -v t="$t" -v k="$k0" 'BEGIN {exit !(t >= k - 1)}' || continue
+                printf '  %s: %+8.0f ms  %s\n' "$n" "$(awk -v t="$t" -v k="$k0" 'BEGIN {print (t - k) * 1000}')" "$(echo "$rest" | cut -c1-150)"
+            done | head -3
+    done
+    echo "takeover/giveback in the node logs:"
+    grep -hiE 'takeover (done|complete|finished)|took over|giveback (done|complete)|fenc' "$PAIR_DIR"/a.log "$PAIR_DIR"/b.log 2>/dev/null |
+        sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | head -20 | sed 's/^/  /'
+    echo "console log:    $CONSOLE"
+    echo "node logs:      $PAIR_DIR/a.log $PAIR_DIR/b.log (actions: $PAIR_DIR/actions.log)"
+    echo "result:         ${result:-LAB-RESULT missing (guest rc ${GUEST_RC:-none})}"
+    echo "====================================================================="
+    ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
+    if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]]; then
+        rm -rf --one-file-system "$PAIR_DIR/a/aggregate"* "$PAIR_DIR/b/aggregate"* 2>/dev/null || true
+        return 0
+    fi
+    if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
+        echo "---- last 80 console lines ----" >&2
+        tail -80 "$CONSOLE" | tr -d '\r' >&2
+    fi
+    return 1
+}
+
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
@@ -524,7 +765,8 @@ image)
     ensure_image
     echo "$IMAGE"
     ;;
-bench | failover)
+failover) cmd_failover ;;
+bench)
     echo "run-lab.sh $1: not implemented yet" >&2
     exit 3
     ;;
