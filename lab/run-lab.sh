@@ -754,6 +754,181 @@ cmd_failover() {
     return 1
 }
 
+# ------------------------------------------------------------------ bench
+# nvtarget and tgt side by side, through the guest's kernel initiator. tgt is
+# started the way bench/fio-matrix.sh starts it: ../shared/peers/start-tgt.sh
+# (LAB_PEERS overrides), one 1 GiB file-backed LUN, default parameters.
+TGT_STATE=""
+stop_tgt() {
+    [[ -n $TGT_STATE ]] || return 0
+    STATE=$TGT_STATE bash "$LAB_PEERS/stop-peer.sh" tgtd >/dev/null 2>&1 ||
+        log "bench: stopping tgtd failed; check $TGT_STATE/tgtd.pid"
+    rm -f "$TGT_STATE/tgt.img"
+}
+proc_ticks() { # utime+stime of pid (all threads) in clock ticks
+    awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo NA
+}
+declare -A BENCH_PID=()
+bench_on_line() {
+    local line=$1 ev test t rep rest
+    [[ $line == "LAB-BENCH "* ]] || return 0
+    read -r _ ev test t rep rest <<<"$line"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$ev" "$test" "$t" "$rep" "$EPOCHREALTIME" \
+        "$(proc_ticks "${BENCH_PID[$t]}")" >>"$BENCH_RUN/cpu.tsv"
+    [[ $ev == start ]] && log "bench: $test $t (run $rep)"
+    return 0
+}
+
+cmd_bench() {
+    [[ ${LAB_NET:-guestfwd} == guestfwd ]] || die "bench works with LAB_NET=guestfwd only"
+    TOOL_PKG[tgtd]=tgt
+    TOOL_PKG[tgtadm]=tgt
+    TOOL_PKG[python3]=python3
+    local tools=(qemu-system-x86_64 mkfs.ext4 socat tgtd tgtadm python3)
+    [[ -f $LAB_DIR/image-$(recipe_hash)/ok ]] || tools+=(debootstrap)
+    need_tools "${tools[@]}"
+    LAB_PEERS=${LAB_PEERS:-$(cd "$REPO/../shared/peers" 2>/dev/null && pwd || true)}
+    [[ -n $LAB_PEERS && -f $LAB_PEERS/start-tgt.sh ]] ||
+        die "no start-tgt.sh: set LAB_PEERS to the directory with start-tgt.sh and stop-peer.sh (default <repo>/../shared/peers)"
+    pick_accel
+    ensure_image
+    local run
+    mkdir -p "$LAB_DIR"
+    run=$(mktemp -d "$LAB_DIR/run-bench-$(date +%Y%m%d-%H%M%S)-XXXX")
+    BENCH_RUN=$run
+    start_target "$run"
+    local tgt_port ctrl tgt_iqn=iqn.2026-11.test:tgt
+    tgt_port=$(free_port)
+    ctrl=$((100 + RANDOM % 800))
+    while [[ -e /var/run/tgtd/socket.$ctrl ]]; do ctrl=$((100 + RANDOM % 800)); done
+    TGT_STATE=$run/tgt
+    CLEANUP_FNS+=(stop_tgt)
+    log "tgt: $LAB_PEERS/start-tgt.sh on 127.0.0.1:$tgt_port (control $ctrl, state $TGT_STATE)"
+    TGT_PID=$(STATE=$TGT_STATE PORT=$tgt_port ADDR=127.0.0.1 CTRL=$ctrl IQN=$tgt_iqn SIZE_MB=$((LAB_LUN_BYTES >> 20)) \
+        bash "$LAB_PEERS/start-tgt.sh" 2>"$run/tgt-start.err") || {
+        cat "$run/tgt-start.err" >&2
+        die "start-tgt.sh failed"
+    }
+    [[ -n $TGT_PID ]] && kill -0 "$TGT_PID" 2>/dev/null || die "tgtd did not stay up (log: $TGT_STATE/tgtd.log)"
+    BENCH_PID=([nvt]=$TARGET_PID [tgt]=$TGT_PID)
+    local tests=${LAB_BENCH_TESTS:-"rr4k-qd1 rr4k-qd32 rw4k-qd1 rw4k-qd32 sr1m-qd8 sw1m-qd8"}
+    GUEST_ENV=(
+        "LAB_IQN_nvt=$LAB_IQN"
+        "LAB_PORTAL_nvt=10.0.2.100:3260"
+        "LAB_IQN_tgt=$tgt_iqn"
+        "LAB_PORTAL_tgt=10.0.2.101:3260"
+        "LAB_BENCH_TESTS=\"$tests\""
+        "LAB_BENCH_RUNTIME=${LAB_BENCH_RUNTIME:-15}"
+        "LAB_BENCH_RAMP=${LAB_BENCH_RAMP:-3}"
+        "LAB_BENCH_REPEAT=${LAB_BENCH_REPEAT:-1}"
+        "LAB_BENCH_PREFILL=${LAB_BENCH_PREFILL:-1}"
+        "LAB_BENCH_SIZE=${LAB_BENCH_SIZE:-1G}"
+    )
+    GUEST_FWDS=("10.0.2.100:3260=127.0.0.1:$TARGET_PORT" "10.0.2.101:3260=127.0.0.1:$tgt_port")
+    : >"$run/cpu.tsv"
+    on_guest_line() { bench_on_line "$1"; }
+    boot_guest "$run" "$LAB_SRC/guest/bench.sh"
+    kill "$TARGET_PID" 2>/dev/null || true
+    stop_tgt
+    TGT_STATE=""
+
+    local result
+    result=$(grep -a '^LAB-RESULT' "$CONSOLE" | tail -1 | tr -d '\r' || true)
+    {
+        echo "date=$(date -Is) host=$(hostname) nproc=$(nproc) accel=$ACCEL runtime=${LAB_BENCH_RUNTIME:-15} ramp=${LAB_BENCH_RAMP:-3} repeat=${LAB_BENCH_REPEAT:-1}"
+        echo "nvtarget=$NVT_BIN $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null)"
+        echo "tgt=$(dpkg-query -W -f '${Version}' tgt 2>/dev/null) guest kernel $(cat "$IMAGE/kernel-version")"
+    } >"$run/meta.txt"
+    python3 - "$CONSOLE" "$run" <<'PY' | tee "$run/table.md"
+import base64, gzip, json, os, statistics, sys
+console, run = sys.argv[1], sys.argv[2]
+tck = os.sysconf("SC_CLK_TCK")
+res, cpu, params = {}, {}, {}
+for raw in open(console, "rb"):
+    line = raw.decode("utf-8", "replace").strip()
+    if line.startswith("LAB-JSON "):
+        _, test, t, rep, b64 = (line.split(" ", 4) + [""])[:5]
+        try:
+            res[(test, t, rep)] = json.loads(gzip.decompress(base64.b64decode(b64)))
+        except Exception as e:
+            print(f"note: {test} {t} run {rep}: no usable fio JSON ({e})")
+    elif line.startswith("LAB-BPARAM "):
+        _, t, kv = line.split(" ", 2)
+        params.setdefault(t, []).append(kv)
+for l in open(os.path.join(run, "cpu.tsv")):
+    ev, test, t, rep, when, ticks = l.rstrip("\n").split("\t")
+    cpu.setdefault((test, t, rep), {})[ev] = (float(when), ticks)
+def measure(test, t, rep):
+    j = res.get((test, t, rep))
+    if not j or not j.get("jobs"):
+        return None
+    job = j["jobs"][0]
+    d = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    m = {"iops": d["iops"], "mibs": d["bw_bytes"] / 2**20, "p99": pct.get("99.000000", 0) / 1000,
+         "err": job.get("error", 0), "cpu": None, "us_io": None}
+    c = cpu.get((test, t, rep), {})
+    if "start" in c and "end" in c and "NA" not in (c["start"][1], c["end"][1]):
+        secs = (float(c["end"][1]) - float(c["start"][1])) / tck
+        wall = c["end"][0] - c["start"][0]
+        m["cpu"] = 100 * secs / wall
+        # fio's IOPS are post-ramp; the CPU window is the whole fio run.
+        m["us_io"] = 1e6 * secs / (m["iops"] * wall) if m["iops"] else None
+    return m
+names = {"rr4k-qd1": "4k randread QD1", "rr4k-qd32": "4k randread QD32", "rw4k-qd1": "4k randwrite QD1",
+         "rw4k-qd32": "4k randwrite QD32", "sr1m-qd8": "1M read QD8", "sw1m-qd8": "1M write QD8"}
+tests = [t for t in names if any(k[0] == t for k in res)]
+reps = sorted({k[2] for k in res}, key=int)
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+def f(x, fmt):
+    return "n/a" if x is None else format(x, fmt)
+print("| test | tgt IOPS | nvt IOPS | **nvt/tgt** | tgt MiB/s | nvt MiB/s | tgt p99 us | nvt p99 us | tgt CPU % | nvt CPU % | tgt CPU us/IO | nvt CPU us/IO |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for test in tests:
+    ms = {t: [measure(test, t, r) for r in reps] for t in ("tgt", "nvt")}
+    ok = {t: [m for m in ms[t] if m] for t in ms}
+    row = {t: {k: med([m[k] for m in ok[t]]) for k in ("iops", "mibs", "p99", "cpu", "us_io")} for t in ms}
+    ratios = [n["iops"] / g["iops"] for g, n in zip(ms["tgt"], ms["nvt"]) if g and n and g["iops"]]
+    ratio = f(med(ratios), ".2f") + "x"
+    if len(ratios) > 1:
+        ratio += f" ({min(ratios):.2f}..{max(ratios):.2f})"
+    errs = [f"{t} err={m['err']}" for t in ms for m in ok[t] if m["err"]]
+    print(f"| {names[test]} | {f(row['tgt']['iops'], '.0f')} | {f(row['nvt']['iops'], '.0f')} | **{ratio}** | "
+          f"{f(row['tgt']['mibs'], '.1f')} | {f(row['nvt']['mibs'], '.1f')} | {f(row['tgt']['p99'], '.0f')} | "
+          f"{f(row['nvt']['p99'], '.0f')} | {f(row['tgt']['cpu'], '.0f')} | {f(row['nvt']['cpu'], '.0f')} | "
+          f"{f(row['tgt']['us_io'], '.1f')} | {f(row['nvt']['us_io'], '.1f')} |" + (" " + ", ".join(errs) if errs else ""))
+print()
+for t in ("nvt", "tgt"):
+    keep = ("MaxRecvDataSegmentLength", "MaxXmitDataSegmentLength", "FirstBurstLength", "MaxBurstLength",
+            "ImmediateData", "InitialR2T", "MaxOutstandingR2T", "disk")
+    print(f"{t}: " + ", ".join(kv for kv in params.get(t, []) if kv.split("=")[0] in keep))
+PY
+    echo
+    echo "==================== nvtarget lab: bench summary ===================="
+    echo "accel:          $ACCEL (guest: 2 vCPUs; under TCG the guest's CPU is the main limit)"
+    echo "guest boot:     ${GUEST_BOOT_S:-?}s; guest total ${GUEST_S}s; whole run $(($(date +%s) - T_START))s"
+    echo "targets:        nvtarget 127.0.0.1:$TARGET_PORT (guest 10.0.2.100:3260), tgt 127.0.0.1:$tgt_port (guest 10.0.2.101:3260)"
+    echo "checks passed:"
+    { grep -a '^LAB-OK' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-OK /  - /'
+    echo "table:          $run/table.md (meta: $run/meta.txt)"
+    echo "console log:    $CONSOLE"
+    echo "result:         ${result:-LAB-RESULT missing (guest rc ${GUEST_RC:-none})}"
+    echo "====================================================================="
+    ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
+    rm -rf --one-file-system "$run/target-data"
+    if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]] && ! grep -aq '^LAB-BENCH-ERROR' "$CONSOLE"; then
+        return 0
+    fi
+    grep -a '^LAB-BENCH-ERROR' "$CONSOLE" >&2 || true
+    if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
+        echo "---- last 60 console lines ----" >&2
+        tail -60 "$CONSOLE" | tr -d '\r' | cut -c1-300 >&2
+    fi
+    return 1
+}
+
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
@@ -766,10 +941,7 @@ image)
     echo "$IMAGE"
     ;;
 failover) cmd_failover ;;
-bench)
-    echo "run-lab.sh $1: not implemented yet" >&2
-    exit 3
-    ;;
+bench) cmd_bench ;;
 -h | --help | help) usage ;;
 *)
     usage >&2
