@@ -241,6 +241,25 @@ direction() {
     fio --name=pre-$X --filename=$dev --ioengine=libaio --direct=1 --verify=crc32c \
         --rw=write --bs=64k --iodepth=8 --offset=512M --size=32M --do_verify=1 \
         >/run/lab/fio-pre-$X.out 2>&1 || { cat /run/lab/fio-pre-$X.out; fail "fio pre-$X"; }
+    # The partner's path (active/non-optimized) on its own, bypassing
+    # multipath: it must serve reads (from its copy or forwarded to the owner)
+    # and writes (forwarded) of X's LUN correctly.
+    fio --name=partner-read-$X --filename=/dev/$surv --ioengine=libaio --direct=1 --verify=crc32c \
+        --rw=write --bs=64k --iodepth=8 --offset=512M --size=32M --verify_only \
+        >/run/lab/fio-partner-read-$X.out 2>&1 || { cat /run/lab/fio-partner-read-$X.out; fail "fio partner-read-$X"; }
+    grep -qi 'verify: bad\|verify failed\|bad magic\|bad header' /run/lab/fio-partner-read-$X.out &&
+        fail "fio partner-read-$X: verify errors"
+    fio --name=partner-write-$X --filename=/dev/$surv --ioengine=libaio --direct=1 --verify=crc32c \
+        --rw=randwrite --bs=4k --iodepth=8 --offset=600M --size=4M --do_verify=1 \
+        >/run/lab/fio-partner-write-$X.out 2>&1 || { cat /run/lab/fio-partner-write-$X.out; fail "fio partner-write-$X"; }
+    grep -qi 'verify: bad\|verify failed\|bad magic\|bad header' /run/lab/fio-partner-write-$X.out &&
+        fail "fio partner-write-$X: verify errors"
+    fio --name=partner-write-$X --filename=/dev/$down --ioengine=libaio --direct=1 --verify=crc32c \
+        --rw=randwrite --bs=4k --iodepth=8 --offset=600M --size=4M --verify_only \
+        >/run/lab/fio-owner-check-$X.out 2>&1 || { cat /run/lab/fio-owner-check-$X.out; fail "fio owner-check-$X"; }
+    grep -qi 'verify: bad\|verify failed\|bad magic\|bad header' /run/lab/fio-owner-check-$X.out &&
+        fail "fio owner-check-$X: what was written through node $Y's path does not read back through node $X's"
+    ok "partner-path-$X" "through /dev/$surv (node $Y, ANO): 32 MiB read + verified, 4 MiB random-written + verified, and read back through node $X's path"
 
     # The load: 4k random writes, crc32c in every block, verified continuously
     # (verify_backlog) and at the end; every I/O's completion time logged.
