@@ -56,8 +56,8 @@ DISK_tgt=$(disk_of "$LAB_IQN_tgt")
 iscsiadm -m session -P 3 >/run/lab/session-P3
 awk -F': ' '
     /^Target: / {split($0, a, " "); t = (a[2] ~ /nvtarget/) ? "nvt" : "tgt"}
-    /Negotiated iSCSI params:/ {inp = 1; next}
-    inp && /^[[:space:]]*\*+[[:space:]]*$/ {inp = 0; next}
+    /Negotiated iSCSI params:/ {inp = 1; stars = 0; next}
+    inp && /^[[:space:]]*\*+[[:space:]]*$/ {if (++stars == 2) inp = 0; next}
     inp && /: / {k = $1; gsub(/^[ \t]+/, "", k); print "LAB-BPARAM " t " " k "=" $2}
 ' /run/lab/session-P3
 for t in nvt tgt; do
