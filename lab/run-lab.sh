@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
 # nvtarget lab: a Debian guest (Linux iscsi_tcp + open-iscsi + fio) booted in
-# qemu against an `nvtarget serve` on the host. See lab/README.md.
+# qemu against nvtarget on the host. See lab/README.md.
 #
 #   lab/run-lab.sh smoke     build/boot the guest, discovery, login, checks,
 #                            fio crc32c verify, rescan, logout/login, logout
+#   lab/run-lab.sh bench     fio matrix through the kernel initiator against
+#                            nvtarget serve and tgt in the same boot; table
+#                            with nvt/tgt ratios
+#   lab/run-lab.sh failover  HA pair (nvtarget pair up), dm-multipath + ALUA
+#                            over both portals, fio crc32c verify while the
+#                            owner is SIGKILLed, restarted and given back;
+#                            both directions
 #   lab/run-lab.sh image     only build (or reuse) the cached guest image
-#   lab/run-lab.sh bench|failover   not implemented yet (exit 3)
 #
 # Environment knobs (all optional):
 #   LAB_DIR            cache + run dir        (default <repo>/nvtarget-data/lab)
 #   LAB_MIRROR         Debian mirror          (default: from /etc/apt sources)
 #   LAB_SUITE          Debian suite           (default: bookworm)
-#   LAB_FIO_RUNTIME    seconds of timed fio   (default: 30)
-#   LAB_FIO_SIZE       random-write region    (default: 256M)
+#   LAB_FIO_RUNTIME    smoke: seconds of timed fio   (default: 30)
+#   LAB_FIO_SIZE       smoke: random-write region    (default: 256M)
+#   LAB_BENCH_TESTS    bench: subset of "rr4k-qd1 rr4k-qd32 rw4k-qd1 rw4k-qd32 sr1m-qd8 sw1m-qd8"
+#   LAB_BENCH_RUNTIME  bench: seconds per run (default 15), LAB_BENCH_RAMP (3)
+#   LAB_BENCH_REPEAT   bench: matrix repetitions (default 1; >1: medians + ratio range)
+#   LAB_BENCH_PREFILL  bench: 1 = write both LUNs fully first (default 1)
+#   LAB_PEERS          bench: dir with start-tgt.sh/stop-peer.sh (default <repo>/../shared/peers)
+#   LAB_FO_RUNTIME     failover: fio seconds per direction (default 75)
+#   LAB_FO_WARMUP      failover: seconds of I/O before the kill (default 15)
+#   LAB_FLIP_TIMEOUT   failover: seconds to wait for each ALUA flip (default 45)
+#   LAB_REPLACEMENT_TIMEOUT  failover: iSCSI replacement_timeout (default 20)
 #   LAB_TIMEOUT        guest timeout, seconds (default: 600 with KVM, 2400 without)
 #   LAB_ACCEL          kvm|tcg                (default: kvm when /dev/kvm is usable)
 #   LAB_NO_INSTALL=1   never apt-get install missing host tools, just say what's missing
 #   LAB_NET            guestfwd (default: restrict=on + guestfwd to the target only)
-#                      or hostlo (guest dials 10.0.2.2:<port> = host loopback)
+#                      or hostlo (smoke only: guest dials 10.0.2.2:<port> = host loopback)
 #   LAB_VERBOSE=1      stream the whole guest console, not only progress lines
 #   NVTARGET_BIN       target binary          (default: <repo>/target/release/nvtarget,
-#                                              built with cargo if missing)
+#                                              or under $CARGO_TARGET_DIR; built with
+#                                              cargo build --release --bin nvtarget first)
 set -euo pipefail
 
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -710,7 +726,7 @@ cmd_failover() {
     echo "guest boot:     ${GUEST_BOOT_S:-?}s; guest total ${GUEST_S}s; whole run $(($(date +%s) - T_START))s"
     echo "pair:           a 127.0.0.1:$PAIR_PORT (guest 10.0.2.100:3260), b 127.0.0.2:$PAIR_PORT (guest 10.0.2.101:3260), dir $PAIR_DIR"
     echo "host side:"
-    for k in $(printf '%s\n' "${!FO[@]}" | sort); do
+    for k in $(printf '%s\n' "${!FO[@]}" | grep -v kill_unix | sort); do
         printf '  %-24s %s\n' "$k" "${FO[$k]}"
     done
     echo "guest side (LAB-FO):"
@@ -744,7 +760,8 @@ cmd_failover() {
     echo "====================================================================="
     ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
     if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]]; then
-        rm -rf --one-file-system "$PAIR_DIR/a/aggregate"* "$PAIR_DIR/b/aggregate"* 2>/dev/null || true
+        # Keep logs, status and takeover reports; the images are big.
+        rm -f "$PAIR_DIR"/[ab]/*.img "$PAIR_DIR"/[ab]/*.nvram
         return 0
     fi
     if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
