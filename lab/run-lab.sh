@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
 # nvtarget lab: a Debian guest (Linux iscsi_tcp + open-iscsi + fio) booted in
-# qemu against an `nvtarget serve` on the host. See lab/README.md.
+# qemu against nvtarget on the host. See lab/README.md.
 #
 #   lab/run-lab.sh smoke     build/boot the guest, discovery, login, checks,
 #                            fio crc32c verify, rescan, logout/login, logout
+#   lab/run-lab.sh bench     fio matrix through the kernel initiator against
+#                            nvtarget serve and tgt in the same boot; table
+#                            with nvt/tgt ratios
+#   lab/run-lab.sh failover  HA pair (nvtarget pair up), dm-multipath + ALUA
+#                            over both portals, fio crc32c verify while the
+#                            owner is SIGKILLed, restarted and given back;
+#                            both directions
 #   lab/run-lab.sh image     only build (or reuse) the cached guest image
-#   lab/run-lab.sh bench|failover   not implemented yet (exit 3)
 #
 # Environment knobs (all optional):
 #   LAB_DIR            cache + run dir        (default <repo>/nvtarget-data/lab)
 #   LAB_MIRROR         Debian mirror          (default: from /etc/apt sources)
 #   LAB_SUITE          Debian suite           (default: bookworm)
-#   LAB_FIO_RUNTIME    seconds of timed fio   (default: 30)
-#   LAB_FIO_SIZE       random-write region    (default: 256M)
+#   LAB_FIO_RUNTIME    smoke: seconds of timed fio   (default: 30)
+#   LAB_FIO_SIZE       smoke: random-write region    (default: 256M)
+#   LAB_BENCH_TESTS    bench: subset of "rr4k-qd1 rr4k-qd32 rw4k-qd1 rw4k-qd32 sr1m-qd8 sw1m-qd8"
+#   LAB_BENCH_RUNTIME  bench: seconds per run (default 15), LAB_BENCH_RAMP (3)
+#   LAB_BENCH_REPEAT   bench: matrix repetitions (default 1; >1: medians + ratio range)
+#   LAB_BENCH_PREFILL  bench: 1 = write both LUNs fully first (default 1)
+#   LAB_PEERS          bench: dir with start-tgt.sh/stop-peer.sh (default <repo>/../shared/peers)
+#   LAB_FO_RUNTIME     failover: fio seconds per direction (default 75)
+#   LAB_FO_WARMUP      failover: seconds of I/O before the kill (default 15)
+#   LAB_FLIP_TIMEOUT   failover: seconds to wait for each ALUA flip (default 45)
+#   LAB_REPLACEMENT_TIMEOUT  failover: iSCSI replacement_timeout (default 20)
 #   LAB_TIMEOUT        guest timeout, seconds (default: 600 with KVM, 2400 without)
 #   LAB_ACCEL          kvm|tcg                (default: kvm when /dev/kvm is usable)
 #   LAB_NO_INSTALL=1   never apt-get install missing host tools, just say what's missing
 #   LAB_NET            guestfwd (default: restrict=on + guestfwd to the target only)
-#                      or hostlo (guest dials 10.0.2.2:<port> = host loopback)
+#                      or hostlo (smoke only: guest dials 10.0.2.2:<port> = host loopback)
 #   LAB_VERBOSE=1      stream the whole guest console, not only progress lines
 #   NVTARGET_BIN       target binary          (default: <repo>/target/release/nvtarget,
-#                                              built with cargo if missing)
+#                                              or under $CARGO_TARGET_DIR; built with
+#                                              cargo build --release --bin nvtarget first)
 set -euo pipefail
 
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,8 +70,12 @@ die() {
 PIDS=()     # processes we started, killed by PID on exit
 TMPDIRS=()  # scratch dirs removed on exit
 MOUNTS=()   # chroot mounts to undo on exit
+CLEANUP_FNS=() # functions run first on exit (e.g. stop an HA pair)
 cleanup() {
-    local rc=$? p m d
+    local rc=$? p m d f
+    for f in "${CLEANUP_FNS[@]}"; do
+        "$f" || true
+    done
     for p in "${PIDS[@]}"; do
         kill "$p" 2>/dev/null || true
     done
@@ -316,54 +336,70 @@ free_port() {
     die "no free TCP port found"
 }
 
-start_target() { # $1 run dir
-    local run=$1 bin=${NVTARGET_BIN:-}
-    if [[ -z $bin ]]; then
-        bin=$REPO/target/release/nvtarget
-        # Build (or just check, when it is up to date) the target from this
-        # checkout, so the lab never tests a stale binary.
+# Sets NVT_BIN: $NVTARGET_BIN, or this checkout's release binary (under
+# $CARGO_TARGET_DIR when set, like cargo itself), built first so the lab never
+# tests a stale binary (a no-op when up to date).
+resolve_bin() { # $1 run dir (for cargo.log)
+    local run=$1
+    NVT_BIN=${NVTARGET_BIN:-}
+    if [[ -z $NVT_BIN ]]; then
+        local tdir=${CARGO_TARGET_DIR:-target}
+        [[ $tdir == /* ]] || tdir=$REPO/$tdir
+        NVT_BIN=$tdir/release/nvtarget
         if command -v cargo >/dev/null; then
             log "target: cargo build --release --bin nvtarget (a no-op when up to date)"
             (cd "$REPO" && cargo build --release --bin nvtarget) >"$run/cargo.log" 2>&1 || {
                 tail -30 "$run/cargo.log" >&2
                 die "cargo build --release failed (log: $run/cargo.log)"
             }
-        elif [[ ! -x $bin ]]; then
-            die "$bin missing and no cargo to build it (set NVTARGET_BIN)"
+        elif [[ ! -x $NVT_BIN ]]; then
+            die "$NVT_BIN missing and no cargo to build it (set NVTARGET_BIN)"
         fi
     fi
-    [[ -x $bin ]] || die "nvtarget binary $bin not found"
-    TARGET_PORT=$(free_port)
-    mkdir -p "$run/target-data"
-    log "target: $bin serve --listen 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
-    "$bin" serve --listen "127.0.0.1:$TARGET_PORT" --data-dir "$run/target-data" >"$run/target.log" 2>&1 &
-    TARGET_PID=$!
-    PIDS+=("$TARGET_PID")
-    for _ in $(seq 1 100); do
-        kill -0 "$TARGET_PID" 2>/dev/null || {
-            tail -20 "$run/target.log" >&2
-            die "nvtarget exited at startup"
-        }
+    [[ -x $NVT_BIN ]] || die "nvtarget binary $NVT_BIN not found"
+}
+
+wait_listening() { # addr port pid what
+    local i
+    for i in $(seq 1 100); do
+        kill -0 "$3" 2>/dev/null || return 1
         # A bare connect-and-close: the target logs it as a short-lived connection.
-        (exec 3<>"/dev/tcp/127.0.0.1/$TARGET_PORT") 2>/dev/null && return 0
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
         sleep 0.2
     done
-    die "nvtarget not listening on 127.0.0.1:$TARGET_PORT after 20s"
+    return 1
+}
+
+start_target() { # $1 run dir
+    local run=$1
+    resolve_bin "$run"
+    TARGET_PORT=$(free_port)
+    mkdir -p "$run/target-data"
+    log "target: $NVT_BIN serve --listen 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
+    "$NVT_BIN" serve --listen "127.0.0.1:$TARGET_PORT" --data-dir "$run/target-data" >"$run/target.log" 2>&1 &
+    TARGET_PID=$!
+    PIDS+=("$TARGET_PID")
+    wait_listening 127.0.0.1 "$TARGET_PORT" "$TARGET_PID" || {
+        tail -20 "$run/target.log" >&2
+        die "nvtarget not listening on 127.0.0.1:$TARGET_PORT (log: $run/target.log)"
+    }
 }
 
 # ------------------------------------------------------------------ guest
+# The scenario sets, before boot_guest:
+#   GUEST_ENV   lines KEY=value for the guest's /lab/env
+#   GUEST_FWDS  "guest-ip:port=host-ip:port" forwards (guestfwd mode)
+# and may define on_guest_line (called with every console line as it appears,
+# within ~0.2 s; host-side actions the guest asks for, e.g. killing a node).
+GUEST_ENV=()
+GUEST_FWDS=()
+on_guest_line() { :; }
+
 boot_guest() { # $1 run dir, $2 scenario script
     local run=$1 script=$2 cfg=$1/config
     mkdir -p "$cfg"
     install -m 0755 "$script" "$cfg/run.sh"
-    cat >"$cfg/env" <<EOF
-LAB_IQN=$LAB_IQN
-LAB_PORTAL=$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT
-LAB_HOST_PORTAL=127.0.0.1:$TARGET_PORT
-LAB_LUN_BYTES=$LAB_LUN_BYTES
-LAB_FIO_RUNTIME=$LAB_FIO_RUNTIME
-LAB_FIO_SIZE=$LAB_FIO_SIZE
-EOF
+    printf '%s\n' "${GUEST_ENV[@]}" >"$cfg/env"
     mkfs.ext4 -q -F -L labcfg -d "$cfg" "$run/config.img" 8M >/dev/null 2>&1 || die "mkfs.ext4 config disk failed"
 
     local accel_args timeout
@@ -385,7 +421,10 @@ EOF
     case ${LAB_NET:-guestfwd} in
     guestfwd)
         netdev="user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2"
-        netdev+=",guestfwd=tcp:$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT-cmd:socat -lf /dev/null - TCP:127.0.0.1:$TARGET_PORT"
+        local f
+        for f in "${GUEST_FWDS[@]}"; do
+            netdev+=",guestfwd=tcp:${f%%=*}-cmd:socat -lf /dev/null - TCP:${f#*=}"
+        done
         ;;
     hostlo)
         # Alternative, kept for comparison (see README): no restrict, the
@@ -434,6 +473,7 @@ EOF
                 fi
                 [[ $line == LAB-BOOT* ]] && reached_init=1
                 [[ $line == LAB-EXIT* ]] && GUEST_RC=${line#LAB-EXIT }
+                on_guest_line "$line"
             done < <(sed -n "$((seen + 1)),${n}p" "$CONSOLE")
             seen=$n
         fi
@@ -449,7 +489,7 @@ EOF
             GUEST_RC=timeout
             break
         fi
-        sleep 1
+        sleep 0.2
     done
     wait "$QEMU_PID" 2>/dev/null || true
     GUEST_S=$((SECONDS - t0))
@@ -478,6 +518,15 @@ cmd_smoke() {
     mkdir -p "$LAB_DIR"
     run=$(mktemp -d "$LAB_DIR/run-smoke-$(date +%Y%m%d-%H%M%S)-XXXX")
     start_target "$run"
+    GUEST_ENV=(
+        "LAB_IQN=$LAB_IQN"
+        "LAB_PORTAL=$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT"
+        "LAB_HOST_PORTAL=127.0.0.1:$TARGET_PORT"
+        "LAB_LUN_BYTES=$LAB_LUN_BYTES"
+        "LAB_FIO_RUNTIME=$LAB_FIO_RUNTIME"
+        "LAB_FIO_SIZE=$LAB_FIO_SIZE"
+    )
+    GUEST_FWDS=("$GUEST_PORTAL_IP:$GUEST_PORTAL_PORT=127.0.0.1:$TARGET_PORT")
     boot_guest "$run" "$LAB_SRC/guest/smoke.sh"
     kill "$TARGET_PID" 2>/dev/null || true
 
@@ -513,6 +562,390 @@ cmd_smoke() {
     return 1
 }
 
+# ------------------------------------------------------------------ failover
+# The HA pair (`nvtarget pair up`): node a on 127.0.0.1:PAIR_PORT (target
+# iqn.2026-11.io.nvtarget:a, tpgt 1), node b on 127.0.0.2:PAIR_PORT (target
+# ...:b, tpgt 2), interconnects on PAIR_PORT+10. The guest reaches a's portal
+# as 10.0.2.100:3260 and b's as 10.0.2.101:3260 (one socat per connection,
+# so after a takeover the forward of a's address reaches b, which took it).
+PAIR_DIR=""
+pair() { "$NVT_BIN" pair "$@" --data-dir "$PAIR_DIR" --port "$PAIR_PORT"; }
+pair_pid() { # node -> pid of that node if it is a running nvtarget we started
+    local pid comm
+    pid=$(cat "$PAIR_DIR/$1.pid" 2>/dev/null) || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == nvtarget* ]] || return 1
+    echo "$pid"
+}
+stop_pair() {
+    [[ -n $PAIR_DIR ]] || return 0
+    pair down >>"$PAIR_DIR/actions.log" 2>&1 && return 0
+    local n pid
+    for n in a b; do
+        pid=$(pair_pid "$n") && kill -9 "$pid" 2>/dev/null
+    done
+    return 0
+}
+pair_port() {
+    local p a
+    for _ in $(seq 1 50); do
+        p=$((32000 + RANDOM % 20000))
+        for a in 127.0.0.1:$p 127.0.0.2:$p 127.0.0.1:$((p + 10)) 127.0.0.2:$((p + 10)); do
+            (exec 3<>"/dev/tcp/${a%:*}/${a#*:}") 2>/dev/null && continue 2
+        done
+        echo "$p"
+        return
+    done
+    die "no free port pair found"
+}
+us_now() { local t=$EPOCHREALTIME; echo "${t/./}"; }
+pair_mirrored() { [[ $(pair status --json 2>/dev/null | grep -c '"mirrored": true') == 2 ]]; }
+ms_since() { echo $((($(us_now) - $1) / 1000)); }
+
+# Host actions requested by the guest (lab/guest/failover.sh).
+declare -A FO=() # host-side measurements, printed in the summary
+failover_on_line() {
+    local line=$1 what node pid t0 i addr st
+    [[ $line == "LAB-FAILOVER "* ]] || return 0
+    read -r _ what node _ <<<"$line"
+    addr=127.0.0.1
+    [[ $node == b ]] && addr=127.0.0.2
+    case $what in
+    kill)
+        # Only a mirrored pair can take over without losing acknowledged
+        # writes: after a giveback the pair needs a moment to mirror again.
+        t0=$(us_now)
+        for i in $(seq 1 150); do
+            pair_mirrored && break
+            sleep 0.2
+        done
+        pair_mirrored || log "failover: WARNING: the pair is not mirrored 30 s after the request; killing anyway"
+        FO[$node.wait_mirrored_ms]=$(ms_since "$t0")
+        pid=$(pair_pid "$node") || {
+            log "failover: node $node is not running; cannot kill it"
+            FO[$node.kill]="node not running"
+            return 0
+        }
+        t0=$(us_now)
+        kill -9 "$pid"
+        FO[$node.kill_unix]=$EPOCHREALTIME
+        log "failover: SIGKILL node $node (pid $pid)"
+        # Host view of the takeover: when does the node's portal address
+        # accept connections again (the survivor binds it)? First wait for
+        # the dead node's own listener to be gone.
+        for i in $(seq 1 500); do
+            st=$(awk '{sub(/^.*\) /, ""); print $1}' "/proc/$pid/stat" 2>/dev/null || true)
+            [[ -z $st || $st == Z || $st == X ]] && break
+            sleep 0.01
+        done
+        for i in $(seq 1 500); do
+            (exec 3<>"/dev/tcp/$addr/$PAIR_PORT") 2>/dev/null && break
+            sleep 0.02
+        done
+        if (exec 3<>"/dev/tcp/$addr/$PAIR_PORT") 2>/dev/null; then
+            FO[$node.portal_back_ms]=$(ms_since "$t0")
+            log "failover: $addr:$PAIR_PORT answers again $((FO[$node.portal_back_ms]))ms after the kill (survivor took the address)"
+        else
+            FO[$node.portal_back_ms]="not within 10 s"
+            log "failover: $addr:$PAIR_PORT does not answer 10 s after the kill"
+        fi
+        pair status >>"$PAIR_DIR/actions.log" 2>&1 || true
+        ;;
+    restart)
+        t0=$(us_now)
+        log "failover: restarting node $node (nvtarget pair up)"
+        if ! pair up >>"$PAIR_DIR/actions.log" 2>&1; then
+            FO[$node.restart]="pair up failed"
+            log "failover: pair up failed (see $PAIR_DIR/actions.log)"
+            return 0
+        fi
+        FO[$node.restart_ms]=$(ms_since "$t0")
+        t0=$(us_now)
+        if pair giveback --node "$node" >>"$PAIR_DIR/actions.log" 2>&1; then
+            FO[$node.giveback_ms]=$(ms_since "$t0")
+            log "failover: node $node up in $((FO[$node.restart_ms]))ms, giveback done in $((FO[$node.giveback_ms]))ms"
+        else
+            FO[$node.giveback]="failed"
+            log "failover: pair giveback --node $node failed (see $PAIR_DIR/actions.log)"
+        fi
+        pair status >>"$PAIR_DIR/actions.log" 2>&1 || true
+        ;;
+    esac
+}
+
+cmd_failover() {
+    [[ ${LAB_NET:-guestfwd} == guestfwd ]] || die "failover works with LAB_NET=guestfwd only"
+    local tools=(qemu-system-x86_64 mkfs.ext4 socat)
+    [[ -f $LAB_DIR/image-$(recipe_hash)/ok ]] || tools+=(debootstrap)
+    need_tools "${tools[@]}"
+    pick_accel
+    ensure_image
+    local run i
+    mkdir -p "$LAB_DIR"
+    run=$(mktemp -d "$LAB_DIR/run-failover-$(date +%Y%m%d-%H%M%S)-XXXX")
+    resolve_bin "$run"
+    PAIR_DIR=$run/pair
+    PAIR_PORT=$(pair_port)
+    CLEANUP_FNS+=(stop_pair)
+    log "pair: $NVT_BIN pair up --data-dir $PAIR_DIR --port $PAIR_PORT"
+    pair up >"$run/pair-up.log" 2>&1 || {
+        cat "$run/pair-up.log" >&2
+        die "pair up failed (logs: $PAIR_DIR/a.log, b.log)"
+    }
+    sed 's/^/    /' "$run/pair-up.log" >&2
+    # Both nodes mirrored before the guest starts: a takeover needs the log copy.
+    for i in $(seq 1 150); do
+        pair_mirrored && break
+        sleep 0.2
+    done
+    pair_mirrored ||
+        { pair status >&2; die "the pair did not reach mirrored state in 30 s"; }
+    log "pair: both nodes serving, mirrored"
+    GUEST_ENV=(
+        "LAB_PORTAL_1=10.0.2.100:3260"
+        "LAB_PORTAL_2=10.0.2.101:3260"
+        "LAB_IQN_A=iqn.2026-11.io.nvtarget:a"
+        "LAB_IQN_B=iqn.2026-11.io.nvtarget:b"
+        "LAB_FO_RUNTIME=${LAB_FO_RUNTIME:-75}"
+        "LAB_FO_WARMUP=${LAB_FO_WARMUP:-15}"
+        "LAB_FLIP_TIMEOUT=${LAB_FLIP_TIMEOUT:-45}"
+        "LAB_REPLACEMENT_TIMEOUT=${LAB_REPLACEMENT_TIMEOUT:-20}"
+    )
+    GUEST_FWDS=("10.0.2.100:3260=127.0.0.1:$PAIR_PORT" "10.0.2.101:3260=127.0.0.2:$PAIR_PORT")
+    on_guest_line() { failover_on_line "$1"; }
+    boot_guest "$run" "$LAB_SRC/guest/failover.sh"
+    pair status >"$run/pair-status-end.txt" 2>&1 || true
+    stop_pair
+
+    local result k
+    result=$(grep -a '^LAB-RESULT' "$CONSOLE" | tail -1 | tr -d '\r' || true)
+    echo
+    echo "=================== nvtarget lab: failover summary ==================="
+    echo "accel:          $ACCEL"
+    echo "image:          $IMAGE (kernel $(cat "$IMAGE/kernel-version"))"
+    echo "guest boot:     ${GUEST_BOOT_S:-?}s; guest total ${GUEST_S}s; whole run $(($(date +%s) - T_START))s"
+    echo "pair:           a 127.0.0.1:$PAIR_PORT (guest 10.0.2.100:3260), b 127.0.0.2:$PAIR_PORT (guest 10.0.2.101:3260), dir $PAIR_DIR"
+    echo "host side:"
+    for k in $(printf '%s\n' "${!FO[@]}" | grep -v kill_unix | sort); do
+        printf '  %-24s %s\n' "$k" "${FO[$k]}"
+    done
+    echo "guest side (LAB-FO):"
+    { grep -a '^LAB-FO ' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-FO /  /'
+    echo "REPORT TARGET PORT GROUPS per path (sg_rtpg -d):"
+    { grep -a '^LAB-RTPG ' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-RTPG /  /'
+    echo "multipath -ll snapshots:"
+    tr -d '\r' <"$CONSOLE" | sed 's/\x1b\[[0-9;]*m//g' | awk '/^LAB-MPATH-END/ {on = 0} on {print "    " $0} /^LAB-MPATH / {on = 1; print "  -- " $2}'
+    echo "checks passed:"
+    { grep -a '^LAB-OK' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-OK /  - /'
+    echo "takeover timeline from the survivor's log (ms after the SIGKILL):"
+    local n sv k0 t
+    for n in a b; do
+        [[ -n ${FO[$n.kill_unix]:-} ]] || continue
+        sv=b
+        [[ $n == b ]] && sv=a
+        k0=${FO[$n.kill_unix]}
+        sed 's/\x1b\[[0-9;]*m//g' "$PAIR_DIR/$sv.log" | grep -E 'taking over|takeover complete|giveback complete' |
+            while read -r t rest; do
+                t=$(date -d "$t" +%s.%N 2>/dev/null) || continue
+                awk -v t="$t" -v k="$k0" 'BEGIN {exit !(t >= k - 1)}' || continue
+                printf '  %s: %+8.0f ms  %s\n' "$n" "$(awk -v t="$t" -v k="$k0" 'BEGIN {print (t - k) * 1000}')" "$(echo "$rest" | cut -c1-150)"
+            done | head -3
+    done
+    echo "takeover/giveback in the node logs:"
+    grep -hiE 'takeover (done|complete|finished)|took over|giveback (done|complete)|fenc' "$PAIR_DIR"/a.log "$PAIR_DIR"/b.log 2>/dev/null |
+        sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | head -20 | sed 's/^/  /'
+    echo "console log:    $CONSOLE"
+    echo "node logs:      $PAIR_DIR/a.log $PAIR_DIR/b.log (actions: $PAIR_DIR/actions.log)"
+    echo "result:         ${result:-LAB-RESULT missing (guest rc ${GUEST_RC:-none})}"
+    echo "====================================================================="
+    ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
+    if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]]; then
+        # Keep logs, status and takeover reports; the images are big.
+        rm -f "$PAIR_DIR"/[ab]/*.img "$PAIR_DIR"/[ab]/*.nvram
+        return 0
+    fi
+    if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
+        echo "---- last 80 console lines ----" >&2
+        tail -80 "$CONSOLE" | tr -d '\r' >&2
+    fi
+    return 1
+}
+
+# ------------------------------------------------------------------ bench
+# nvtarget and tgt side by side, through the guest's kernel initiator. tgt is
+# started the way bench/fio-matrix.sh starts it: ../shared/peers/start-tgt.sh
+# (LAB_PEERS overrides), one 1 GiB file-backed LUN, default parameters.
+TGT_STATE=""
+stop_tgt() {
+    [[ -n $TGT_STATE ]] || return 0
+    STATE=$TGT_STATE bash "$LAB_PEERS/stop-peer.sh" tgtd >/dev/null 2>&1 ||
+        log "bench: stopping tgtd failed; check $TGT_STATE/tgtd.pid"
+    rm -f "$TGT_STATE/tgt.img"
+}
+proc_ticks() { # utime+stime of pid (all threads) in clock ticks
+    awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo NA
+}
+declare -A BENCH_PID=()
+bench_on_line() {
+    local line=$1 ev test t rep rest
+    [[ $line == "LAB-BENCH "* ]] || return 0
+    read -r _ ev test t rep rest <<<"$line"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$ev" "$test" "$t" "$rep" "$EPOCHREALTIME" \
+        "$(proc_ticks "${BENCH_PID[$t]}")" >>"$BENCH_RUN/cpu.tsv"
+    [[ $ev == start ]] && log "bench: $test $t (run $rep)"
+    return 0
+}
+
+cmd_bench() {
+    [[ ${LAB_NET:-guestfwd} == guestfwd ]] || die "bench works with LAB_NET=guestfwd only"
+    TOOL_PKG[tgtd]=tgt
+    TOOL_PKG[tgtadm]=tgt
+    TOOL_PKG[python3]=python3
+    local tools=(qemu-system-x86_64 mkfs.ext4 socat tgtd tgtadm python3)
+    [[ -f $LAB_DIR/image-$(recipe_hash)/ok ]] || tools+=(debootstrap)
+    need_tools "${tools[@]}"
+    LAB_PEERS=${LAB_PEERS:-$(cd "$REPO/../shared/peers" 2>/dev/null && pwd || true)}
+    [[ -n $LAB_PEERS && -f $LAB_PEERS/start-tgt.sh ]] ||
+        die "no start-tgt.sh: set LAB_PEERS to the directory with start-tgt.sh and stop-peer.sh (default <repo>/../shared/peers)"
+    pick_accel
+    ensure_image
+    local run
+    mkdir -p "$LAB_DIR"
+    run=$(mktemp -d "$LAB_DIR/run-bench-$(date +%Y%m%d-%H%M%S)-XXXX")
+    BENCH_RUN=$run
+    start_target "$run"
+    local tgt_port ctrl tgt_iqn=iqn.2026-11.test:tgt
+    tgt_port=$(free_port)
+    ctrl=$((100 + RANDOM % 800))
+    while [[ -e /var/run/tgtd/socket.$ctrl ]]; do ctrl=$((100 + RANDOM % 800)); done
+    TGT_STATE=$run/tgt
+    CLEANUP_FNS+=(stop_tgt)
+    log "tgt: $LAB_PEERS/start-tgt.sh on 127.0.0.1:$tgt_port (control $ctrl, state $TGT_STATE)"
+    TGT_PID=$(STATE=$TGT_STATE PORT=$tgt_port ADDR=127.0.0.1 CTRL=$ctrl IQN=$tgt_iqn SIZE_MB=$((LAB_LUN_BYTES >> 20)) \
+        bash "$LAB_PEERS/start-tgt.sh" 2>"$run/tgt-start.err") || {
+        cat "$run/tgt-start.err" >&2
+        die "start-tgt.sh failed"
+    }
+    [[ -n $TGT_PID ]] && kill -0 "$TGT_PID" 2>/dev/null || die "tgtd did not stay up (log: $TGT_STATE/tgtd.log)"
+    BENCH_PID=([nvt]=$TARGET_PID [tgt]=$TGT_PID)
+    local tests=${LAB_BENCH_TESTS:-"rr4k-qd1 rr4k-qd32 rw4k-qd1 rw4k-qd32 sr1m-qd8 sw1m-qd8"}
+    GUEST_ENV=(
+        "LAB_IQN_nvt=$LAB_IQN"
+        "LAB_PORTAL_nvt=10.0.2.100:3260"
+        "LAB_IQN_tgt=$tgt_iqn"
+        "LAB_PORTAL_tgt=10.0.2.101:3260"
+        "LAB_BENCH_TESTS=\"$tests\""
+        "LAB_BENCH_RUNTIME=${LAB_BENCH_RUNTIME:-15}"
+        "LAB_BENCH_RAMP=${LAB_BENCH_RAMP:-3}"
+        "LAB_BENCH_REPEAT=${LAB_BENCH_REPEAT:-1}"
+        "LAB_BENCH_PREFILL=${LAB_BENCH_PREFILL:-1}"
+        "LAB_BENCH_SIZE=${LAB_BENCH_SIZE:-1G}"
+    )
+    GUEST_FWDS=("10.0.2.100:3260=127.0.0.1:$TARGET_PORT" "10.0.2.101:3260=127.0.0.1:$tgt_port")
+    : >"$run/cpu.tsv"
+    on_guest_line() { bench_on_line "$1"; }
+    boot_guest "$run" "$LAB_SRC/guest/bench.sh"
+    kill "$TARGET_PID" 2>/dev/null || true
+    stop_tgt
+    TGT_STATE=""
+
+    local result
+    result=$(grep -a '^LAB-RESULT' "$CONSOLE" | tail -1 | tr -d '\r' || true)
+    {
+        echo "date=$(date -Is) host=$(hostname) nproc=$(nproc) accel=$ACCEL runtime=${LAB_BENCH_RUNTIME:-15} ramp=${LAB_BENCH_RAMP:-3} repeat=${LAB_BENCH_REPEAT:-1}"
+        echo "nvtarget=$NVT_BIN $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null)"
+        echo "tgt=$(dpkg-query -W -f '${Version}' tgt 2>/dev/null) guest kernel $(cat "$IMAGE/kernel-version")"
+    } >"$run/meta.txt"
+    python3 - "$CONSOLE" "$run" <<'PY' | tee "$run/table.md"
+import base64, gzip, json, os, statistics, sys
+console, run = sys.argv[1], sys.argv[2]
+tck = os.sysconf("SC_CLK_TCK")
+res, cpu, params = {}, {}, {}
+for raw in open(console, "rb"):
+    line = raw.decode("utf-8", "replace").strip()
+    if line.startswith("LAB-JSON "):
+        _, test, t, rep, b64 = (line.split(" ", 4) + [""])[:5]
+        try:
+            res[(test, t, rep)] = json.loads(gzip.decompress(base64.b64decode(b64)))
+        except Exception as e:
+            print(f"note: {test} {t} run {rep}: no usable fio JSON ({e})")
+    elif line.startswith("LAB-BPARAM "):
+        _, t, kv = line.split(" ", 2)
+        params.setdefault(t, []).append(kv)
+for l in open(os.path.join(run, "cpu.tsv")):
+    ev, test, t, rep, when, ticks = l.rstrip("\n").split("\t")
+    cpu.setdefault((test, t, rep), {})[ev] = (float(when), ticks)
+def measure(test, t, rep):
+    j = res.get((test, t, rep))
+    if not j or not j.get("jobs"):
+        return None
+    job = j["jobs"][0]
+    d = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    m = {"iops": d["iops"], "mibs": d["bw_bytes"] / 2**20, "p99": pct.get("99.000000", 0) / 1000,
+         "err": job.get("error", 0), "cpu": None, "us_io": None}
+    c = cpu.get((test, t, rep), {})
+    if "start" in c and "end" in c and "NA" not in (c["start"][1], c["end"][1]):
+        secs = (float(c["end"][1]) - float(c["start"][1])) / tck
+        wall = c["end"][0] - c["start"][0]
+        m["cpu"] = 100 * secs / wall
+        # fio's IOPS are post-ramp; the CPU window is the whole fio run.
+        m["us_io"] = 1e6 * secs / (m["iops"] * wall) if m["iops"] else None
+    return m
+names = {"rr4k-qd1": "4k randread QD1", "rr4k-qd32": "4k randread QD32", "rw4k-qd1": "4k randwrite QD1",
+         "rw4k-qd32": "4k randwrite QD32", "sr1m-qd8": "1M read QD8", "sw1m-qd8": "1M write QD8"}
+tests = [t for t in names if any(k[0] == t for k in res)]
+reps = sorted({k[2] for k in res}, key=int)
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+def f(x, fmt):
+    return "n/a" if x is None else format(x, fmt)
+print("| test | tgt IOPS | nvt IOPS | **nvt/tgt** | tgt MiB/s | nvt MiB/s | tgt p99 us | nvt p99 us | tgt CPU % | nvt CPU % | tgt CPU us/IO | nvt CPU us/IO |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for test in tests:
+    ms = {t: [measure(test, t, r) for r in reps] for t in ("tgt", "nvt")}
+    ok = {t: [m for m in ms[t] if m] for t in ms}
+    row = {t: {k: med([m[k] for m in ok[t]]) for k in ("iops", "mibs", "p99", "cpu", "us_io")} for t in ms}
+    ratios = [n["iops"] / g["iops"] for g, n in zip(ms["tgt"], ms["nvt"]) if g and n and g["iops"]]
+    ratio = f(med(ratios), ".2f") + "x"
+    if len(ratios) > 1:
+        ratio += f" ({min(ratios):.2f}..{max(ratios):.2f})"
+    errs = [f"{t} err={m['err']}" for t in ms for m in ok[t] if m["err"]]
+    print(f"| {names[test]} | {f(row['tgt']['iops'], '.0f')} | {f(row['nvt']['iops'], '.0f')} | **{ratio}** | "
+          f"{f(row['tgt']['mibs'], '.1f')} | {f(row['nvt']['mibs'], '.1f')} | {f(row['tgt']['p99'], '.0f')} | "
+          f"{f(row['nvt']['p99'], '.0f')} | {f(row['tgt']['cpu'], '.0f')} | {f(row['nvt']['cpu'], '.0f')} | "
+          f"{f(row['tgt']['us_io'], '.1f')} | {f(row['nvt']['us_io'], '.1f')} |" + (" " + ", ".join(errs) if errs else ""))
+print()
+for t in ("nvt", "tgt"):
+    keep = ("MaxRecvDataSegmentLength", "MaxXmitDataSegmentLength", "FirstBurstLength", "MaxBurstLength",
+            "ImmediateData", "InitialR2T", "MaxOutstandingR2T", "disk")
+    print(f"{t}: " + ", ".join(kv for kv in params.get(t, []) if kv.split("=")[0] in keep))
+PY
+    echo
+    echo "==================== nvtarget lab: bench summary ===================="
+    echo "accel:          $ACCEL (guest: 2 vCPUs; under TCG the guest's CPU is the main limit)"
+    echo "guest boot:     ${GUEST_BOOT_S:-?}s; guest total ${GUEST_S}s; whole run $(($(date +%s) - T_START))s"
+    echo "targets:        nvtarget 127.0.0.1:$TARGET_PORT (guest 10.0.2.100:3260), tgt 127.0.0.1:$tgt_port (guest 10.0.2.101:3260)"
+    echo "checks passed:"
+    { grep -a '^LAB-OK' "$CONSOLE" || true; } | tr -d '\r' | sed 's/^LAB-OK /  - /'
+    echo "table:          $run/table.md (meta: $run/meta.txt)"
+    echo "console log:    $CONSOLE"
+    echo "result:         ${result:-LAB-RESULT missing (guest rc ${GUEST_RC:-none})}"
+    echo "====================================================================="
+    ls -dt "$LAB_DIR"/run-* 2>/dev/null | tail -n +6 | while read -r d; do rm -rf --one-file-system "$d"; done
+    rm -rf --one-file-system "$run/target-data"
+    if [[ $result == "LAB-RESULT ok" && $GUEST_RC == 0 ]] && ! grep -aq '^LAB-BENCH-ERROR' "$CONSOLE"; then
+        return 0
+    fi
+    grep -a '^LAB-BENCH-ERROR' "$CONSOLE" >&2 || true
+    if [[ ${LAB_VERBOSE:-0} != 1 ]]; then
+        echo "---- last 60 console lines ----" >&2
+        tail -60 "$CONSOLE" | tr -d '\r' | cut -c1-300 >&2
+    fi
+    return 1
+}
+
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
@@ -524,10 +957,8 @@ image)
     ensure_image
     echo "$IMAGE"
     ;;
-bench | failover)
-    echo "run-lab.sh $1: not implemented yet" >&2
-    exit 3
-    ;;
+failover) cmd_failover ;;
+bench) cmd_bench ;;
 -h | --help | help) usage ;;
 *)
     usage >&2
