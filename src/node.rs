@@ -379,16 +379,34 @@ impl Node {
     /// Targets `initiator` may see, each with the portals serving it.
     pub fn visible_targets(&self, initiator: &str) -> Vec<(String, Vec<String>)> {
         let portals = self.portal_addrs.read().clone();
+        // In a pair every target is reachable through both nodes (ALUA):
+        // list the partner's portal too, so one discovery finds every path.
+        let partner = self
+            .config
+            .pair
+            .as_ref()
+            .map(|p| format!("{},{}", p.partner_portal, self.config.partner_tpgt()));
+        let partner: Vec<String> = partner.into_iter().collect();
+        // Both lists without duplicates (after a takeover our portals hold
+        // the partner's address already), `first` first.
+        let merge = |first: &[String], then: &[String]| {
+            let mut out = first.to_vec();
+            out.extend(then.iter().filter(|a| !first.contains(a)).cloned());
+            out
+        };
+        let own = merge(&portals, &partner);
         let mut v: BTreeMap<String, Vec<String>> = self
             .targets
             .read()
             .iter()
             .filter(|(_, t)| allowed(&t.allowed, initiator))
-            .map(|(n, _)| (n.clone(), portals.clone()))
+            .map(|(n, _)| (n.clone(), own.clone()))
             .collect();
         for (n, r) in self.remote.read().iter() {
             if allowed(&r.allowed, initiator) {
-                v.entry(n.clone()).or_insert_with(|| portals.clone());
+                // The owner's portal first.
+                v.entry(n.clone())
+                    .or_insert_with(|| merge(&partner, &portals));
             }
         }
         v.into_iter().collect()

@@ -236,7 +236,12 @@ pub fn up(spec: &PairSpec) -> anyhow::Result<()> {
         // A node whose storage is taken over has no portal until giveback.
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            if wait_listening(spec.portal[n], Duration::from_millis(200)) {
+            // After a takeover the partner answers on our address: the
+            // portal counts only once the mailbox says the storage is ours.
+            let ours = crate::mailbox::Mailbox::open(&spec.data_dir(n))
+                .and_then(|m| m.read())
+                .map_or(true, |s| s.taken_over_by.is_none());
+            if ours && wait_listening(spec.portal[n], Duration::from_millis(200)) {
                 println!(
                     "node {name} pid {pid} portal {} target {} metrics {} (log {})",
                     spec.portal[n],
@@ -253,6 +258,9 @@ pub fn up(spec: &PairSpec) -> anyhow::Result<()> {
                     "node {name} pid {pid} is up and waiting for its storage: `nvtarget pair giveback --node {name}`"
                 );
                 break;
+            }
+            if !ours {
+                std::thread::sleep(Duration::from_millis(100));
             }
             if !alive(pid) || Instant::now() > end {
                 anyhow::bail!(

@@ -1,0 +1,196 @@
+//! A local pair seen from initiators: one discovery finds both paths of
+//! each target, and the partner's path returns the newest data whether it
+//! answers a read from the mirrored log (live replay) or forwards it to the
+//! owner.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use nvtarget_client::{Client, LoginOptions};
+
+const A: &str = "iqn.2026-11.io.nvtarget:a";
+const B: &str = "iqn.2026-11.io.nvtarget:b";
+/// Blocks written and read back: 64 records of 4 KiB.
+const UNITS: u64 = 64;
+
+struct Pair {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Pair {
+    fn up(tag: &str) -> Pair {
+        let dir = temp_dir(tag);
+        let port = free_port();
+        let out = run(
+            Command::new(binary())
+                .args(["pair", "up", "--port", &port.to_string(), "--data-dir"])
+                .arg(&dir),
+            Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "pair up failed\n{}", both(&out));
+        Pair { dir, port }
+    }
+
+    /// Node `n`'s status.json (written every few heartbeats), once it
+    /// exists and has the log section.
+    fn status(&self, n: &str) -> serde_json::Value {
+        self.wait_status(n, "status.json written", |_| true)
+    }
+
+    /// Waits until `f` holds for node `n`'s status; returns that status.
+    fn wait_status(
+        &self,
+        n: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let path = self.dir.join(n).join("status.json");
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .filter(|s| s["log"].is_object());
+            if let Some(s) = s.filter(|s| f(s)) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "node {n}: {what} never held: {}",
+                std::fs::read_to_string(&path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn partner_reads(&self, n: &str, key: &str) -> u64 {
+        self.status(n)["partner_reads"][key].as_u64().unwrap()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = run(
+            Command::new(binary())
+                .args([
+                    "pair",
+                    "down",
+                    "--port",
+                    &self.port.to_string(),
+                    "--data-dir",
+                ])
+                .arg(&self.dir),
+            Duration::from_secs(60),
+        );
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn pattern(unit: u64, generation: u8) -> Bytes {
+    let mut b = vec![generation; 4096];
+    b[..8].copy_from_slice(&unit.to_be_bytes());
+    Bytes::from(b)
+}
+
+async fn write_units(c: &Client, generation: u8) {
+    for u in 0..UNITS {
+        c.write16(0, u * 8, pattern(u, generation), 512, false)
+            .await
+            .unwrap();
+    }
+}
+
+async fn check_units(c: &Client, generation: u8, through: &str) {
+    for u in 0..UNITS {
+        let got = c.read16(0, u * 8, 8, 512).await.unwrap();
+        assert!(
+            got == pattern(u, generation),
+            "unit {u} read through {through}: generation {} (first bytes {:?}), want {generation}",
+            got[8],
+            &got[..16]
+        );
+    }
+}
+
+async fn login(addr: &str, initiator: &str) -> Client {
+    let c = Client::connect(addr, &LoginOptions::new(initiator, A))
+        .await
+        .unwrap();
+    c.clear_unit_attentions(0).await.unwrap();
+    c
+}
+
+#[test]
+fn one_discovery_lists_both_paths_of_each_target() {
+    require_tool("iscsi-ls");
+    let pair = Pair::up("pair-discovery");
+    for node_ip in ["127.0.0.1", "127.0.0.2"] {
+        let out = run(
+            Command::new("iscsi-ls").arg(format!("iscsi://{node_ip}:{}", pair.port)),
+            Duration::from_secs(30),
+        );
+        let text = stdout(&out);
+        assert!(out.status.success(), "{}", both(&out));
+        for t in [A, B] {
+            for (ip, tpgt) in [("127.0.0.1", 1), ("127.0.0.2", 2)] {
+                let line = format!("Target:{t} Portal:{ip}:{},{tpgt}", pair.port);
+                assert!(
+                    text.lines().any(|l| l.trim() == line),
+                    "discovery through {node_ip} lacks `{line}`:\n{text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
+    let pair = Pair::up("pair-reads");
+    let on_a = format!("127.0.0.1:{}", pair.port);
+    let on_b = format!("127.0.0.2:{}", pair.port);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let owner = login(&on_a, "iqn.2026-11.test:owner-path").await;
+        let partner = login(&on_b, "iqn.2026-11.test:partner-path").await;
+
+        // Just written through a: b holds every record in its mirrored log
+        // and answers from it.
+        write_units(&owner, 1).await;
+        let live0 = pair.partner_reads("b", "live_replayed");
+        check_units(&partner, 1, "b (mirrored log)").await;
+        pair.wait_status("b", "live-replayed reads counted", |s| {
+            s["partner_reads"]["live_replayed"].as_u64().unwrap() >= live0 + UNITS
+        });
+
+        // A CP on a prunes b's copies: the same reads are now forwarded.
+        let last = pair.status("a")["log"]["next_seq"].as_u64().unwrap() - 1;
+        pair.wait_status("a", "the CP covering the writes pruned them", |s| {
+            s["log"]["pruned_seq"].as_u64().unwrap() >= last
+        });
+        let fwd0 = pair.partner_reads("b", "forwarded");
+        check_units(&partner, 1, "b (forwarded)").await;
+        pair.wait_status("b", "forwarded reads counted", |s| {
+            s["partner_reads"]["forwarded"].as_u64().unwrap() >= fwd0 + UNITS
+        });
+
+        // Writes through b go to a; both paths see them at once.
+        write_units(&partner, 2).await;
+        check_units(&owner, 2, "a").await;
+        check_units(&partner, 2, "b").await;
+        assert_eq!(pair.partner_reads("b", "forward_errors"), 0);
+
+        owner.logout().await.unwrap();
+        partner.logout().await.unwrap();
+    });
+}
