@@ -26,7 +26,7 @@
 //!                        2 RESPONSE, 3 ERROR (owner -> partner)
 //!      5    3 reserved   0
 //!      8    4 tag        chosen by the partner; the answer carries its request's tag
-//!     12    4 body_len   bytes after the header, <= MAX_BODY (16 MiB + 4 KiB)
+//!     12    4 body_len   bytes after the header, <= MAX_BODY (32 MiB + 4 KiB)
 //!     16    … body
 //!
 //! REQUEST body: 36 fixed bytes, then the variable parts back to back
@@ -103,8 +103,10 @@ pub const HEADER_LEN: usize = 16;
 const TYPE_OFF: usize = 4;
 const TAG_OFF: usize = 8;
 const LEN_OFF: usize = 12;
-/// Largest body: a 16 MiB transfer plus everything around it.
-pub const MAX_BODY: usize = (16 << 20) + 4096;
+/// Largest body: the largest transfer a LUN advertises (MAXIMUM TRANSFER
+/// LENGTH in the Block Limits VPD page, 32 MiB) plus everything around it,
+/// so no command the initiator may send is too large to forward.
+pub const MAX_BODY: usize = (32 << 20) + 4096;
 pub const MAX_CDB: usize = 260;
 /// Strings carry a one-byte length.
 pub const MAX_STRING: usize = u8::MAX as usize;

@@ -30,6 +30,9 @@ use parking_lot::{Condvar, Mutex};
 use crate::metrics::Metrics;
 
 const CP_INTERVAL: Duration = Duration::from_secs(10);
+/// Most data in one WRITE record: below the mirror's frame bound (16 MiB
+/// plus headers), so every record can be mirrored.
+const MAX_RECORD_DATA: u64 = 8 << 20;
 
 /// The aggregate, its NVRAM log and the thread that takes consistency points.
 pub struct Store {
@@ -554,20 +557,31 @@ impl BlockDevice for StoreDevice {
 
     fn write(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), DevError> {
         // FUA needs nothing more: the record is durable when append returns.
-        let off = self.bytes(lba)?;
+        // A write larger than a record may be (a quarter of a log half, at
+        // most MAX_RECORD_DATA: the mirror's frame bound) is logged as
+        // several records in LBA order; SCSI promises no atomicity across
+        // blocks, and each record is applied before the next is appended.
         self.store.failed()?;
-        let blocks = u32::try_from(data.len() as u64 / self.block_size as u64)
-            .map_err(|_| DevError::Io(std::io::Error::other("write too large for one record")))?;
-        let meta = RecordMeta::data(
-            Op::WRITE,
-            self.lun,
-            lba,
-            blocks,
-            self.store.aggr.generation(),
-        );
-        self.store
-            .log_and_apply(&meta, data, || self.store.aggr.write(self.lun, off, data))?
-            .map_err(|e| dev_err(e, lba))
+        let bs = self.block_size as usize;
+        let cap = (self.store.log.layout().half_capacity() / 4).min(MAX_RECORD_DATA) as usize;
+        let chunk = (cap / bs).max(1) * bs;
+        let mut lba = lba;
+        for part in data.chunks(chunk) {
+            let off = self.bytes(lba)?;
+            let blocks = (part.len() / bs) as u32;
+            let meta = RecordMeta::data(
+                Op::WRITE,
+                self.lun,
+                lba,
+                blocks,
+                self.store.aggr.generation(),
+            );
+            self.store
+                .log_and_apply(&meta, part, || self.store.aggr.write(self.lun, off, part))?
+                .map_err(|e| dev_err(e, lba))?;
+            lba += blocks as u64;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), DevError> {

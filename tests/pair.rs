@@ -188,6 +188,21 @@ fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
         write_units(&partner, 2).await;
         check_units(&owner, 2, "a").await;
         check_units(&partner, 2, "b").await;
+
+        // The largest transfer the LUN advertises (32 MiB) goes through
+        // either path, written through one and read through the other.
+        let big = |seed: u8| {
+            Bytes::from(
+                (0..32u32 << 20)
+                    .map(|i| (i / 4096) as u8 ^ seed)
+                    .collect::<Vec<u8>>(),
+            )
+        };
+        let lba = 1 << 16;
+        partner.write16(0, lba, big(7), 512, false).await.unwrap();
+        assert!(owner.read16(0, lba, 65536, 512).await.unwrap() == big(7));
+        owner.write16(0, lba, big(9), 512, false).await.unwrap();
+        assert!(partner.read16(0, lba, 65536, 512).await.unwrap() == big(9));
         assert_eq!(pair.partner_reads("b", "forward_errors"), 0);
 
         owner.logout().await.unwrap();
