@@ -543,7 +543,13 @@ struct ReadCheck {
 #[derive(Default, Clone)]
 struct ReadCounts {
     ok: u64,
+    /// Older than a write acknowledged before the read was issued.
     stale: u64,
+    /// Older than an earlier read's answer, where that answer came from a
+    /// write never acknowledged before this read was issued: a write in
+    /// flight when its node died, seen by a concurrent read and then not
+    /// kept. Allowed (the write never completed), reported.
+    vanished: u64,
     garbage: u64,
 }
 
@@ -569,7 +575,9 @@ impl ReadCheck {
         self.inner.lock().completed
     }
 
-    fn judge(&self, unit: u64, ticket: u64, got: Content) {
+    /// `acked`: the newest generation of `unit` acknowledged when the read
+    /// was issued.
+    fn judge(&self, unit: u64, ticket: u64, acked: Option<u64>, got: Content) {
         let mut st = self.inner.lock();
         let st = &mut *st;
         let generation = match got {
@@ -592,11 +600,20 @@ impl ReadCheck {
             .filter(|&&(c, _)| c <= ticket)
             .map(|&(_, g)| g)
             .max();
-        if let Some(f) = floor.filter(|&f| generation < f) {
+        if let Some(a) = acked.filter(|&a| generation < a) {
             st.counts.stale += 1;
             if st.examples.len() < 10 {
                 st.examples.push(format!(
-                    "unit {unit}: read generation {generation} after generation {f} had been read"
+                    "unit {unit}: read generation {generation} after generation {a} had been acknowledged"
+                ));
+            }
+            return;
+        }
+        if let Some(f) = floor.filter(|&f| generation < f) {
+            st.counts.vanished += 1;
+            if st.examples.len() < 10 {
+                st.examples.push(format!(
+                    "unit {unit}: read generation {generation} after unacknowledged generation {f} had been read"
                 ));
             }
             return;
@@ -1004,6 +1021,7 @@ async fn read_task(
         rng ^= rng << 17;
         let unit = rng % ctx.units;
         let ticket = ctx.reads.ticket();
+        let acked = ctx.oracle.acked(unit);
         let issued = Instant::now();
         match client
             .read16(0, ctx.lba(unit), blocks, ctx.block_size)
@@ -1011,7 +1029,8 @@ async fn read_task(
         {
             Ok(data) => {
                 let done = Instant::now();
-                ctx.reads.judge(unit, ticket, decode(unit, ctx.seed, &data));
+                ctx.reads
+                    .judge(unit, ticket, acked, decode(unit, ctx.seed, &data));
                 timeline.read_done(issued, done);
             }
             Err(e) => {
@@ -1046,6 +1065,9 @@ struct RoundResult {
     lost: Option<u64>,
     garbage: Option<u64>,
     stale_reads: u64,
+    /// Reads older than an earlier read of a write that was never
+    /// acknowledged (see `ReadCounts::vanished`): allowed, reported.
+    vanished_reads: u64,
     bad_reads: u64,
     /// Units holding a write that was never acknowledged (allowed), at
     /// this round's verify.
@@ -1335,6 +1357,7 @@ impl Drill<'_> {
         let reads = self.ctx.reads.counts();
         r.reads = reads.ok - reads0.ok;
         r.stale_reads = reads.stale - reads0.stale;
+        r.vanished_reads = reads.vanished - reads0.vanished;
         r.bad_reads = reads.garbage - reads0.garbage;
         for e in self.ctx.reads.take_examples() {
             tracing::error!(finding = %e, "read check");
@@ -1420,7 +1443,8 @@ fn round_line(i: u32, rounds: u32, fault: Fault, r: &RoundResult) -> String {
         "round {i}/{rounds} {fault} {verdict}: detect {detect}, takeover {takeover}, \
          first-io {fio}, first-write {fw}, max-pause {mp}, write-pause {wp}, \
          acked {acked}, reads {reads}, sessions {sessions}, lost {lost}, garbage {garbage}, \
-         stale-reads {stale}, bad-reads {bad}, unacked-landed {landed}, giveback {gb}",
+         stale-reads {stale}, bad-reads {bad}, unacked-landed {landed}, \
+         unacked-vanished {vanished}, giveback {gb}",
         fault = fault.name(),
         detect = r.detect_ms.map_or("-".into(), |d| format!("{d}ms")),
         fio = opt_ms(r.first_io_ms),
@@ -1435,6 +1459,7 @@ fn round_line(i: u32, rounds: u32, fault: Fault, r: &RoundResult) -> String {
         stale = r.stale_reads,
         bad = r.bad_reads,
         landed = r.landed,
+        vanished = r.vanished_reads,
         gb = opt_ms(r.giveback_ms),
     )
 }
@@ -1528,13 +1553,14 @@ fn totals(fault: Fault, planned: u32, results: &[RoundResult]) -> String {
     let sum = |f: fn(&RoundResult) -> u64| results.iter().map(f).sum::<u64>();
     let _ = writeln!(
         out,
-        "total: acked {}, reads {}, lost {}, garbage {}, stale-reads {}, bad-reads {}",
+        "total: acked {}, reads {}, lost {}, garbage {}, stale-reads {}, bad-reads {}, unacked-vanished {}",
         sum(|r| r.acked),
         sum(|r| r.reads),
         sum(|r| r.lost.unwrap_or(0)),
         sum(|r| r.garbage.unwrap_or(0)),
         sum(|r| r.stale_reads),
         sum(|r| r.bad_reads),
+        sum(|r| r.vanished_reads),
     );
     out
 }
@@ -1801,24 +1827,38 @@ mod tests {
     fn reads_going_back_in_time_are_stale() {
         let rc = ReadCheck::default();
         let t0 = rc.ticket();
-        rc.judge(7, t0, Content::Gen(5));
-        // Issued before the first read completed: may see the older value.
-        rc.judge(7, t0, Content::Gen(3));
+        rc.judge(7, t0, Some(5), Content::Gen(5));
+        // Issued before the first read completed: may see the older value,
+        // but never one older than what was acknowledged at issue.
+        rc.judge(7, t0, Some(3), Content::Gen(3));
         assert_eq!(rc.counts().stale, 0);
+        rc.judge(7, t0, Some(3), Content::Gen(2));
+        assert_eq!(rc.counts().stale, 1);
         let t1 = rc.ticket();
-        rc.judge(7, t1, Content::Gen(5));
-        rc.judge(7, t1, Content::Gen(9));
-        rc.judge(8, t1, Content::Zero);
-        assert_eq!(rc.counts().stale, 0);
-        // Issued after generation 9 was read: 5 and zeros are stale.
+        rc.judge(7, t1, Some(5), Content::Gen(5));
+        rc.judge(7, t1, Some(5), Content::Gen(9));
+        rc.judge(8, t1, None, Content::Zero);
+        assert_eq!(rc.counts().stale, 1);
+        // Issued after generation 9 was read and acknowledged: 5 and zeros
+        // are stale.
         let t2 = rc.ticket();
-        rc.judge(7, t2, Content::Gen(5));
-        rc.judge(7, t2, Content::Zero);
-        rc.judge(8, t2, Content::Zero);
-        rc.judge(9, t2, Content::Garbage);
+        rc.judge(7, t2, Some(9), Content::Gen(5));
+        rc.judge(7, t2, Some(9), Content::Zero);
+        rc.judge(8, t2, None, Content::Zero);
+        rc.judge(9, t2, None, Content::Garbage);
         let c = rc.counts();
-        assert_eq!((c.stale, c.garbage, c.ok), (2, 1, 6));
-        assert_eq!(rc.take_examples().len(), 3);
+        assert_eq!((c.stale, c.vanished, c.garbage, c.ok), (3, 0, 1, 6));
+        assert_eq!(rc.take_examples().len(), 4);
+        // Generation 12 was read while its write was in flight, then the
+        // node died before acknowledging it: a later read of 9 (the newest
+        // acknowledged) is not stale, but it is reported.
+        let t3 = rc.ticket();
+        rc.judge(7, t3, Some(9), Content::Gen(12));
+        let t4 = rc.ticket();
+        rc.judge(7, t4, Some(9), Content::Gen(9));
+        let c = rc.counts();
+        assert_eq!((c.stale, c.vanished), (3, 1));
+        assert_eq!(rc.take_examples().len(), 1);
     }
 
     #[test]

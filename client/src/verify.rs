@@ -116,6 +116,11 @@ impl Oracle {
         })
     }
 
+    /// The newest acknowledged generation of `unit`.
+    pub fn acked(&self, unit: u64) -> Option<u64> {
+        self.state.lock().get(&unit).and_then(|s| s.acked)
+    }
+
     fn lba(&self, unit: u64) -> u64 {
         self.first_lba + unit * (UNIT as u64 / self.block_size as u64)
     }
