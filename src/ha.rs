@@ -1004,7 +1004,16 @@ impl Ha {
         let upto = records.iter().map(|r| r.seq).max().unwrap_or(committed);
         let own = self.node.store().context("no own store")?.clone();
         let plan = ReplayPlan::build(&records, committed);
+        let total = records.len() as u64;
+        let applied = AtomicU64::new(0);
+        let progress = Mutex::new(crate::progress::Progress::new(
+            "takeover: replaying the partner's log",
+        ));
         let stats = nvtarget_takeover::execute(&plan, 2, |r| -> anyhow::Result<()> {
+            let done = applied.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(mut p) = progress.try_lock() {
+                p.update(done, total, "records");
+            }
             let log = own.log();
             let mut head = [0u8; 64];
             log.partner_read(r.location, &mut head)?;
@@ -1026,6 +1035,7 @@ impl Ha {
             Ok(())
         })
         .map_err(|e| anyhow::anyhow!("replay: {e:?}"))?;
+        progress.into_inner().finish();
         aggr.note_applied_seq(upto);
         // The index is spent: its records are in the aggregate now.
         *self.index.lock() = DependencyIndex::new();
