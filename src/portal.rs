@@ -327,6 +327,14 @@ async fn run_connection(
     let offload = node.offload_io();
     let mut io_inflight = 0usize;
     let mut held: VecDeque<Command> = VecDeque::new();
+    // Commands for the partner's targets run as tasks (forwarded or
+    // live-replayed), numbered; a task management function on such a
+    // session waits until every one issued before it has answered (see
+    // `remote_task_mgmt`), so nothing it reports ended can still land.
+    let (rdone_tx, mut rdone_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u32, Completion)>();
+    let mut remote_next = 0u64;
+    let mut remote_running: std::collections::BTreeSet<u64> = Default::default();
+    let mut parked_tmfs: Vec<(u64, nvtarget_iscsi::TaskMgmt)> = Vec::new();
 
     let reason = 'conn: loop {
         while let Some(ev) = conn.poll_event() {
@@ -384,14 +392,17 @@ async fn run_connection(
                     }
                 }
                 Event::Command(cmd) => {
-                    if let Some(r) = bound.as_ref().and_then(|b| b.remote.clone()) {
-                        let nexus = bound.as_ref().map(|b| b.nexus.clone());
-                        let tx = done_tx.clone();
+                    if let Some((r, nexus)) = bound
+                        .as_ref()
+                        .and_then(|b| b.remote.clone().map(|r| (r, b.nexus.clone())))
+                    {
+                        let tx = rdone_tx.clone();
+                        let n = remote_next;
+                        remote_next += 1;
+                        remote_running.insert(n);
                         tokio::spawn(async move {
-                            if let Some(nexus) = nexus {
-                                let c = r.execute(&cmd, &nexus).await;
-                                let _ = tx.send((cmd.itt, c, false));
-                            }
+                            let c = r.execute(&cmd, &nexus).await;
+                            let _ = tx.send((n, cmd.itt, c));
                         });
                         continue;
                     }
@@ -433,6 +444,11 @@ async fn run_connection(
                         },
                     };
                     let _ = conn.complete(cmd.itt, c);
+                }
+                Event::TaskMgmt(t) if bound.as_ref().is_some_and(|b| b.remote.is_some()) => {
+                    // Answered once the tasks issued before it have ended.
+                    parked_tmfs.push((remote_next, t));
+                    answer_parked_tmfs(&mut conn, &mut parked_tmfs, &remote_running, peer);
                 }
                 Event::TaskMgmt(t) => {
                     let resp = task_mgmt(bound.as_ref(), &t, &conn);
@@ -492,6 +508,11 @@ async fn run_connection(
             },
             _ = sleep_until(deadline) => conn.handle_timeout(Instant::now()),
             _ = stop.notified() => conn.close(CloseReason::Requested),
+            Some((n, itt, c)) = rdone_rx.recv() => {
+                let _ = conn.complete(itt, c);
+                remote_running.remove(&n);
+                answer_parked_tmfs(&mut conn, &mut parked_tmfs, &remote_running, peer);
+            }
             Some((itt, c, io)) = done_rx.recv() => {
                 // Gone if a task management function aborted it meanwhile.
                 let _ = conn.complete(itt, c);
@@ -674,10 +695,50 @@ fn write_transfer_len(b: &Bound, cmd: &Command) -> Option<u32> {
     u32::try_from(blocks * bs).ok()
 }
 
+/// Task management on a session to the partner's target (this node
+/// forwards its commands or answers reads from the mirrored log). Each
+/// parked function waits until every command issued before it has been
+/// answered: its tasks then have all ended, so it reports them ended
+/// without any of them landing later (an aborted write must not overtake
+/// the initiator's retry). ABORT TASK finds its task gone by then (TASK
+/// DOES NOT EXIST: the initiator has its response); the task-set
+/// functions and the resets complete. Not done: the side effects of a
+/// reset on the owner (RESERVE(6) release, unit attentions for other
+/// nexuses); the functions a target does not offer here are refused.
+fn answer_parked_tmfs(
+    conn: &mut Connection,
+    parked: &mut Vec<(u64, TaskMgmt)>,
+    running: &std::collections::BTreeSet<u64>,
+    peer: SocketAddr,
+) {
+    let oldest = running.first().copied().unwrap_or(u64::MAX);
+    parked.retain(|(issued_before, t)| {
+        if oldest < *issued_before {
+            return true;
+        }
+        let resp = match t.function {
+            TmfFunction::ABORT_TASK => match t.referenced {
+                ReferencedTask::AbortedWhileGathering
+                | ReferencedTask::AbortedBeforeExecution => TmfResponse::FUNCTION_COMPLETE,
+                _ if conn.is_outstanding(t.referenced_itt) => TmfResponse::FUNCTION_COMPLETE,
+                _ => TmfResponse::TASK_DOES_NOT_EXIST,
+            },
+            TmfFunction::ABORT_TASK_SET
+            | TmfFunction::CLEAR_TASK_SET
+            | TmfFunction::LOGICAL_UNIT_RESET
+            | TmfFunction::TARGET_WARM_RESET => TmfResponse::FUNCTION_COMPLETE,
+            _ => TmfResponse::NOT_SUPPORTED,
+        };
+        tracing::info!(%peer, function = ?t.function, lun = lun_id(t.lun), response = resp.0, "task management (partner's target)");
+        let _ = conn.complete_tmf(t.itt, resp);
+        false
+    });
+}
+
 fn task_mgmt(b: Option<&Bound>, t: &TaskMgmt, conn: &Connection) -> TmfResponse {
     let Some(b) = b.filter(|b| b.remote.is_none()) else {
-        // Discovery sessions; and task management is not forwarded to the
-        // partner that owns a remote target.
+        // Discovery sessions (sessions to the partner's targets are
+        // handled by `answer_parked_tmfs`).
         return TmfResponse::NOT_SUPPORTED;
     };
     match t.function {

@@ -209,3 +209,27 @@ fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
         partner.logout().await.unwrap();
     });
 }
+
+/// libiscsi's task management tests through the partner's path (b for
+/// a's LUN): ABORT TASK of a WRITE in flight and LOGICAL UNIT RESET.
+/// Before, b refused task management for forwarded sessions (FUNCTION
+/// NOT SUPPORTED) and AbortTaskSimpleAsync failed.
+#[test]
+fn task_management_through_the_partner_path() {
+    require_tool("iscsi-test-cu");
+    let pair = Pair::up("pair-tmf");
+    let url = format!("iscsi://127.0.0.2:{}/{A}/0", pair.port);
+    let out = run(
+        Command::new("iscsi-test-cu").args(["--dataloss", "-t", "iSCSI.iSCSITMF", &url]),
+        Duration::from_secs(300),
+    );
+    let text = both(&out);
+    for t in ["AbortTaskSimpleAsync", "LUNResetSimpleAsync"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!("Test: {t} ...passed"))),
+            "{t} did not pass through b:\n{text}"
+        );
+    }
+    assert!(!text.contains("FAILED"), "{text}");
+}
