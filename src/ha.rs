@@ -449,8 +449,10 @@ impl Ha {
         crate::metrics::watch_mirror(node.metrics(), mirror.clone());
 
         // Partner side: its log into our PARTNER portion and the index.
+        let partner_stats = Arc::new(PartnerStats::default());
         let receiver_events: interconnect::EventSink = {
             let index = index.clone();
+            let stats = partner_stats.clone();
             let silent = partner_silent.clone();
             let since = silent_since_ms.clone();
             Arc::new(move |ev| match ev {
@@ -473,11 +475,19 @@ impl Ha {
                     index.lock().prune(seq);
                 }
                 Event::PeerSilent { .. } => {
+                    // The owner may go unmirrored: our index stops being
+                    // the whole story, so reads go to the owner.
+                    stats.owner_mirrored.store(false, Ordering::Release);
                     silent.store(true, Ordering::Release);
                     let _ =
                         since.compare_exchange(0, unix_ms(), Ordering::AcqRel, Ordering::Acquire);
                 }
                 Event::PeerAlive => silent.store(false, Ordering::Release),
+                Event::PeerState(st) => {
+                    stats
+                        .owner_mirrored
+                        .store(st == nvtarget_mirror::NodeState::SERVING, Ordering::Release);
+                }
                 Event::Failed(e) => tracing::error!(error = %e, "partner log store failed"),
                 _ => {}
             })
@@ -529,7 +539,7 @@ impl Ha {
             mirrored,
             taken: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
-            partner_stats: Arc::new(PartnerStats::default()),
+            partner_stats,
             partner_ic,
         });
         ha.node.set_remote(ha.remote_entries(&partner_ic));

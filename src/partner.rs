@@ -42,9 +42,13 @@ pub struct LunMapEntry {
     pub block_size: u32,
 }
 
-/// Counters for status and the bench.
+/// Counters for status and the bench, and whether the index may answer.
 #[derive(Default)]
 pub struct PartnerStats {
+    /// The owner announces it is mirroring to us (heartbeat state SERVING)
+    /// and is not silent. While it runs unmirrored (or we cannot tell), it
+    /// may acknowledge writes our index never sees: no live replay then.
+    pub owner_mirrored: std::sync::atomic::AtomicBool,
     pub live_reads: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_errors: AtomicU64,
@@ -84,7 +88,8 @@ impl RemoteTarget {
 
     /// Runs one command: from the log if it can, else on the owner.
     pub async fn execute(&self, cmd: &Command, nexus: &ItNexus) -> Completion {
-        if let Some(c) = self.live_read(cmd) {
+        let in_sync = self.stats.owner_mirrored.load(Ordering::Acquire);
+        if let Some(c) = in_sync.then(|| self.live_read(cmd)).flatten() {
             self.stats.live_reads.fetch_add(1, Ordering::Relaxed);
             return c;
         }
@@ -149,8 +154,9 @@ impl RemoteTarget {
             ),
             _ => return None,
         };
-        // RDPROTECT and friends: let the owner answer.
-        if cdb.get(1)? & 0xe0 != 0 || blocks == 0 {
+        // RDPROTECT and friends: let the owner answer. A range that wraps
+        // past 2^64 is the owner's to refuse (LBA OUT OF RANGE).
+        if cdb.get(1)? & 0xe0 != 0 || blocks == 0 || lba.checked_add(blocks as u64).is_none() {
             return None;
         }
         let (aggr_lun, bs) = self.lun(nvtarget_iscsi::lun_id(cmd.lun))?;

@@ -315,6 +315,9 @@ impl Link {
         }
         if !self.silent && now >= self.silent_at() {
             self.silent = true;
+            // Whatever the peer announced may have changed unheard: its
+            // next heartbeat reports its state again (`PeerState`).
+            self.peer_state = None;
             self.events.push_back(Event::PeerSilent {
                 since: self.last_heard,
             });

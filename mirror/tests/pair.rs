@@ -618,6 +618,47 @@ fn idle_owner_is_mirrored_again_after_a_stall_heals() {
     assert!(p.s_events.contains(&Event::Mirrored));
     p.submit(4096);
     assert!(p.run_until(|p| p.acked == 6 && p.r.stored_upto() == 6, 10_000));
+    // The partner heard silence, then learns the owner's state afresh: its
+    // live replay resumes only on a SERVING announced after the silence.
+    let silent_at = p
+        .r_events
+        .iter()
+        .rposition(|e| matches!(e, Event::PeerSilent { .. }))
+        .expect("the partner noticed the stall");
+    let last_state = p.r_events[silent_at..].iter().rev().find_map(|e| match e {
+        Event::PeerState(s) => Some(*s),
+        _ => None,
+    });
+    assert_eq!(
+        last_state,
+        Some(NodeState::SERVING),
+        "{:?}",
+        &p.r_events[silent_at..]
+    );
+}
+
+/// A stall the owner rides out without going unmirrored: after the
+/// silence the partner is told the owner's state again even though it did
+/// not change, so it can trust its index again.
+#[test]
+fn partner_hears_the_owners_state_again_after_a_silence() {
+    let mut p = Pair::new(1, Faults::default(), 13);
+    p.submit(4096);
+    assert!(p.run_until(|p| p.acked == 1, 10_000));
+    p.stalled[0] = true;
+    assert!(p.run_until(
+        |p| p
+            .r_events
+            .iter()
+            .any(|e| matches!(e, Event::PeerSilent { .. })),
+        10_000
+    ));
+    let silent_at = p.r_events.len();
+    p.stalled[0] = false;
+    assert!(p.run_until(
+        |p| p.r_events[silent_at..].contains(&Event::PeerState(NodeState::SERVING)),
+        10_000
+    ));
 }
 
 #[test]
