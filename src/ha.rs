@@ -172,6 +172,8 @@ struct LogStatus {
 
 #[derive(Serialize)]
 struct PartnerReads {
+    /// The partner announces it mirrors to us: our log may answer reads.
+    owner_mirrored: bool,
     /// READs answered from the mirrored log ("live replay").
     live_replayed: u64,
     /// Commands forwarded to the owner over the interconnect.
@@ -781,6 +783,7 @@ impl Ha {
                 taken_over: taken.as_ref().map(|_| self.partner.clone()),
                 log: self.log_status(),
                 partner_reads: Some(PartnerReads {
+                    owner_mirrored: self.partner_stats.owner_mirrored.load(Ordering::Relaxed),
                     live_replayed: self.partner_stats.live_reads.load(Ordering::Relaxed),
                     forwarded: self.partner_stats.forwarded.load(Ordering::Relaxed),
                     forward_errors: self.partner_stats.forward_errors.load(Ordering::Relaxed),

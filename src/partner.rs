@@ -95,6 +95,7 @@ impl RemoteTarget {
         }
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         let req = ProxyRequest {
+            tmf: 0,
             target: self.name.clone(),
             lun: nvtarget_iscsi::lun_id(cmd.lun),
             cdb: cmd.cdb.clone(),
@@ -120,6 +121,31 @@ impl RemoteTarget {
                     sense: nvtarget_iscsi::transport_sense(0x02, 0x04, 0x0a),
                     ..Completion::default()
                 }
+            }
+        }
+    }
+
+    /// Runs a task management function (`proxy::TMF_*`) on the owner for
+    /// this nexus, so its side effects (RESERVE(6) released, unit
+    /// attentions for the other nexuses, ...) happen where the LU lives.
+    /// `None` when the owner cannot be reached.
+    pub async fn task_mgmt(&self, tmf: u8, lun: u64, nexus: &ItNexus) -> Option<u8> {
+        let req = ProxyRequest {
+            tmf,
+            target: self.name.clone(),
+            lun,
+            cdb: Bytes::new(),
+            attr: nvtarget_scsi::TaskAttr::Simple,
+            data_out: Bytes::new(),
+            expected_in_len: 0,
+            nexus: ForwardedNexus::from(nexus),
+        };
+        match self.proxy.execute(req).await {
+            Ok(r) => Some(r.status),
+            Err(e) => {
+                self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target = %self.name, error = %e, "forwarding task management to the owner failed");
+                None
             }
         }
     }

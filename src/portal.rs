@@ -335,6 +335,8 @@ async fn run_connection(
     let mut remote_next = 0u64;
     let mut remote_running: std::collections::BTreeSet<u64> = Default::default();
     let mut parked_tmfs: Vec<(u64, nvtarget_iscsi::TaskMgmt)> = Vec::new();
+    // Task management run on the owner, answered here.
+    let (tmf_tx, mut tmf_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, TmfResponse)>();
 
     let reason = 'conn: loop {
         while let Some(ev) = conn.poll_event() {
@@ -448,7 +450,15 @@ async fn run_connection(
                 Event::TaskMgmt(t) if bound.as_ref().is_some_and(|b| b.remote.is_some()) => {
                     // Answered once the tasks issued before it have ended.
                     parked_tmfs.push((remote_next, t));
-                    answer_parked_tmfs(&mut conn, &mut parked_tmfs, &remote_running, peer);
+                    answer_parked_tmfs(
+                        &mut conn,
+                        &mut parked_tmfs,
+                        &remote_running,
+                        peer,
+                        bound.as_ref(),
+                        &tmf_tx,
+                        conn_id,
+                    );
                 }
                 Event::TaskMgmt(t) => {
                     let resp = task_mgmt(bound.as_ref(), &t, &conn);
@@ -511,7 +521,10 @@ async fn run_connection(
             Some((n, itt, c)) = rdone_rx.recv() => {
                 let _ = conn.complete(itt, c);
                 remote_running.remove(&n);
-                answer_parked_tmfs(&mut conn, &mut parked_tmfs, &remote_running, peer);
+                answer_parked_tmfs(&mut conn, &mut parked_tmfs, &remote_running, peer, bound.as_ref(), &tmf_tx, conn_id);
+            }
+            Some((itt, resp)) = tmf_rx.recv() => {
+                let _ = conn.complete_tmf(itt, resp);
             }
             Some((itt, c, io)) = done_rx.recv() => {
                 // Gone if a task management function aborted it meanwhile.
@@ -547,6 +560,13 @@ async fn run_connection(
         drop(sessions);
         // The I_T nexus is gone: its tasks end, RESERVE(6) is released, a UA is queued.
         b.target.nexus_loss(&b.nexus);
+        // A session to the partner's target: that happens on the owner.
+        if let Some(r) = b.remote.clone() {
+            let nexus = b.nexus.clone();
+            tokio::spawn(async move {
+                let _ = r.task_mgmt(crate::proxy::TMF_NEXUS_LOSS, 0, &nexus).await;
+            });
+        }
         if reason.starts_with("Logout") {
             tracing::info!(%peer, initiator = %b.key.initiator, target = %b.key.target, "logout");
         }
@@ -702,14 +722,19 @@ fn write_transfer_len(b: &Bound, cmd: &Command) -> Option<u32> {
 /// without any of them landing later (an aborted write must not overtake
 /// the initiator's retry). ABORT TASK finds its task gone by then (TASK
 /// DOES NOT EXIST: the initiator has its response); the task-set
-/// functions and the resets complete. Not done: the side effects of a
-/// reset on the owner (RESERVE(6) release, unit attentions for other
-/// nexuses); the functions a target does not offer here are refused.
+/// functions and the warm and LU resets then run on the owner for this
+/// nexus, so their side effects (RESERVE(6) released, unit attentions for
+/// the other nexuses) happen where the LU lives; their answer arrives on
+/// `tmf_tx`; a cold reset also ends the target's sessions on both nodes.
+/// The query functions and CLEAR ACA are refused.
 fn answer_parked_tmfs(
     conn: &mut Connection,
     parked: &mut Vec<(u64, TaskMgmt)>,
     running: &std::collections::BTreeSet<u64>,
     peer: SocketAddr,
+    bound: Option<&Bound>,
+    tmf_tx: &tokio::sync::mpsc::UnboundedSender<(u32, TmfResponse)>,
+    conn_id: u64,
 ) {
     let oldest = running.first().copied().unwrap_or(u64::MAX);
     parked.retain(|(issued_before, t)| {
@@ -723,11 +748,48 @@ fn answer_parked_tmfs(
                 _ if conn.is_outstanding(t.referenced_itt) => TmfResponse::FUNCTION_COMPLETE,
                 _ => TmfResponse::TASK_DOES_NOT_EXIST,
             },
-            TmfFunction::ABORT_TASK_SET
-            | TmfFunction::CLEAR_TASK_SET
-            | TmfFunction::LOGICAL_UNIT_RESET
-            | TmfFunction::TARGET_WARM_RESET => TmfResponse::FUNCTION_COMPLETE,
-            _ => TmfResponse::NOT_SUPPORTED,
+            f => {
+                let code = match f {
+                    TmfFunction::ABORT_TASK_SET => crate::proxy::TMF_ABORT_TASK_SET,
+                    TmfFunction::CLEAR_TASK_SET => crate::proxy::TMF_CLEAR_TASK_SET,
+                    TmfFunction::LOGICAL_UNIT_RESET => crate::proxy::TMF_LOGICAL_UNIT_RESET,
+                    TmfFunction::TARGET_WARM_RESET => crate::proxy::TMF_TARGET_WARM_RESET,
+                    TmfFunction::TARGET_COLD_RESET => crate::proxy::TMF_TARGET_COLD_RESET,
+                    _ => 0,
+                };
+                match bound.and_then(|b| b.remote.clone().map(|r| (r, b.nexus.clone()))) {
+                    Some((remote, nexus)) if code != 0 => {
+                        let (itt, lun, tx) = (t.itt, lun_id(t.lun), tmf_tx.clone());
+                        let function = t.function;
+                        let name = remote.name.clone();
+                        tokio::spawn(async move {
+                            let resp = match remote.task_mgmt(code, lun, &nexus).await {
+                                Some(crate::proxy::TMF_RESULT_COMPLETE) => {
+                                    TmfResponse::FUNCTION_COMPLETE
+                                }
+                                Some(crate::proxy::TMF_RESULT_NO_SUCH_LUN) => {
+                                    TmfResponse::LUN_DOES_NOT_EXIST
+                                }
+                                Some(crate::proxy::TMF_RESULT_NOT_SUPPORTED) => {
+                                    TmfResponse::NOT_SUPPORTED
+                                }
+                                _ => TmfResponse::REJECTED,
+                            };
+                            tracing::info!(%peer, ?function, lun, response = resp.0, "task management (partner's target, run on the owner)");
+                            if function == TmfFunction::TARGET_COLD_RESET
+                                && resp == TmfResponse::FUNCTION_COMPLETE
+                            {
+                                // Every session of the target through this
+                                // node ends too; ours closes itself.
+                                close_target_sessions(&name, conn_id);
+                            }
+                            let _ = tx.send((itt, resp));
+                        });
+                        return false;
+                    }
+                    _ => TmfResponse::NOT_SUPPORTED,
+                }
+            }
         };
         tracing::info!(%peer, function = ?t.function, lun = lun_id(t.lun), response = resp.0, "task management (partner's target)");
         let _ = conn.complete_tmf(t.itt, resp);

@@ -33,7 +33,10 @@
 //!      0    8 lun
 //!      8    4 expected_in_len  Data-In the initiator can take
 //!     12    1 attr             0 untagged, 1 simple, 2 ordered, 3 head of queue, 4 ACA
-//!     13    1 reserved
+//!     13    1 tmf              0: run the CDB; else a task management
+//!                                 function (`TMF_*`) for `lun` and the
+//!                                 nexus, the CDB empty; the RESPONSE's
+//!                                 status is then the `TMF_RESULT_*`
 //!     14    2 cdb_len          C <= 260
 //!     16    2 relative_port    of the partner port the command came in on
 //!     18    2 tpgt
@@ -219,6 +222,8 @@ impl From<ForwardedNexus> for ItNexus {
 pub struct ProxyRequest {
     /// The owner's iSCSI target name.
     pub target: String,
+    /// 0, or a task management function to run instead of the CDB.
+    pub tmf: u8,
     pub lun: u64,
     pub cdb: Bytes,
     pub attr: TaskAttr,
@@ -388,7 +393,7 @@ fn encode_request(tag: u32, req: &ProxyRequest) -> Result<WireFrame, FrameError>
     b.put_u64(req.lun);
     b.put_u32(req.expected_in_len);
     b.put_u8(attr_code(req.attr));
-    b.put_u8(0);
+    b.put_u8(req.tmf);
     b.put_u16(req.cdb.len() as u16);
     b.put_u16(n.relative_port);
     b.put_u16(n.tpgt);
@@ -540,7 +545,7 @@ fn decode_request(body: Bytes) -> Result<ProxyRequest, FrameError> {
     let expected_in_len = r.u32("expected_in_len")?;
     let code = r.u8("attr")?;
     let attr = attr_of(code).ok_or(FrameError::BadAttr(code))?;
-    r.zero(1, "request")?;
+    let tmf = r.u8("tmf")?;
     let cdb_len = r.u16("cdb_len")? as usize;
     check_len("CDB", cdb_len, MAX_CDB)?;
     let relative_port = r.u16("relative_port")?;
@@ -558,6 +563,7 @@ fn decode_request(body: Bytes) -> Result<ProxyRequest, FrameError> {
     let data_out = r.take(data_len, "Data-Out")?;
     r.finish()?;
     Ok(ProxyRequest {
+        tmf,
         target,
         lun,
         cdb,
@@ -765,10 +771,68 @@ async fn serve(stream: TcpStream, resolve: Resolver) -> Result<(), Closed> {
     }
 }
 
+/// Task management functions a partner forwards (`ProxyRequest::tmf`).
+pub const TMF_ABORT_TASK_SET: u8 = 1;
+pub const TMF_CLEAR_TASK_SET: u8 = 2;
+pub const TMF_LOGICAL_UNIT_RESET: u8 = 3;
+pub const TMF_TARGET_WARM_RESET: u8 = 4;
+/// Also ends every session of the target on the owner.
+pub const TMF_TARGET_COLD_RESET: u8 = 5;
+/// Not a function an initiator sends: the partner reports that this I_T
+/// nexus is gone (logout, connection lost), so RESERVE(6) is released and
+/// the nexus's tasks end on the owner as they would for a direct session.
+pub const TMF_NEXUS_LOSS: u8 = 6;
+/// Their outcome, in the RESPONSE's status byte.
+pub const TMF_RESULT_COMPLETE: u8 = 0;
+pub const TMF_RESULT_NO_SUCH_LUN: u8 = 1;
+pub const TMF_RESULT_NOT_SUPPORTED: u8 = 2;
+pub const TMF_RESULT_REJECTED: u8 = 3;
+
+fn run_tmf(target: &ScsiTarget, req: &ProxyRequest, nexus: &ItNexus) -> u8 {
+    use nvtarget_scsi::{TmfFunction as F, TmfResponse as R};
+    if req.tmf == TMF_NEXUS_LOSS {
+        target.nexus_loss(nexus);
+        return TMF_RESULT_COMPLETE;
+    }
+    let func = match req.tmf {
+        TMF_ABORT_TASK_SET => F::AbortTaskSet,
+        TMF_CLEAR_TASK_SET => F::ClearTaskSet,
+        TMF_LOGICAL_UNIT_RESET => F::LogicalUnitReset,
+        TMF_TARGET_WARM_RESET => F::TargetWarmReset,
+        TMF_TARGET_COLD_RESET => F::TargetColdReset,
+        _ => return TMF_RESULT_NOT_SUPPORTED,
+    };
+    match target.task_mgmt(func, req.lun, nexus) {
+        R::Complete if req.tmf == TMF_TARGET_COLD_RESET => {
+            // RFC 7143 11.5.1: a cold reset ends every session of the
+            // target; the partner ends the ones that came through it.
+            crate::portal::close_target_sessions(&req.target, u64::MAX);
+            TMF_RESULT_COMPLETE
+        }
+        R::Complete => TMF_RESULT_COMPLETE,
+        R::NoSuchLun => TMF_RESULT_NO_SUCH_LUN,
+        R::NotSupported => TMF_RESULT_NOT_SUPPORTED,
+        R::Rejected => TMF_RESULT_REJECTED,
+    }
+}
+
 /// Runs one forwarded command; always produces an answer, so the partner's
 /// waiter is never left hanging.
 fn run(target: &ScsiTarget, tag: u32, req: ProxyRequest) -> WireFrame {
-    let nexus = ItNexus::from(req.nexus);
+    let nexus = ItNexus::from(req.nexus.clone());
+    if req.tmf != 0 {
+        return match std::panic::catch_unwind(AssertUnwindSafe(|| run_tmf(target, &req, &nexus))) {
+            Ok(status) => encode_response(
+                tag,
+                &ProxyResponse {
+                    status,
+                    ..ProxyResponse::default()
+                },
+            )
+            .unwrap_or_else(|_| encode_error(tag, ErrorCode::EXECUTION_FAILED)),
+            Err(_) => encode_error(tag, ErrorCode::EXECUTION_FAILED),
+        };
+    }
     let cmd = ScsiCommand {
         lun: req.lun,
         cdb: &req.cdb,
@@ -1154,6 +1218,7 @@ mod tests {
 
     fn request(n: &ForwardedNexus, cdb: Vec<u8>, data_out: Vec<u8>) -> ProxyRequest {
         ProxyRequest {
+            tmf: 0,
             target: TARGET.into(),
             lun: 0,
             cdb: cdb.into(),
@@ -1650,9 +1715,11 @@ mod tests {
         ));
         assert!(matches!(with(5, &[1]), Err(FrameError::Reserved(_))));
         assert!(matches!(with(body + 12, &[5]), Err(FrameError::BadAttr(5))));
+        // Byte 13 names a task management function (any value decodes;
+        // the owner refuses the ones it does not know).
         assert!(matches!(
-            with(body + 13, &[1]),
-            Err(FrameError::Reserved(_))
+            with(body + 13, &[TMF_LOGICAL_UNIT_RESET]),
+            Ok(Some(Frame::Request { ref req, .. })) if req.tmf == TMF_LOGICAL_UNIT_RESET
         ));
         assert!(matches!(
             with(body + 14, &(MAX_CDB as u16 + 1).to_be_bytes()),
@@ -1754,6 +1821,7 @@ mod tests {
                 |(tag, target, lun, cdb, attr, data_out, expected_in_len, n)| Frame::Request {
                     tag,
                     req: ProxyRequest {
+                        tmf: (tag % 5) as u8,
                         target,
                         lun,
                         cdb,

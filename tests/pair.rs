@@ -161,6 +161,10 @@ fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // b answers from its log only while a mirrors to it.
+        pair.wait_status("b", "a mirrors to b", |s| {
+            s["partner_reads"]["owner_mirrored"] == true
+        });
         let owner = login(&on_a, "iqn.2026-11.test:owner-path").await;
         let partner = login(&on_b, "iqn.2026-11.test:partner-path").await;
 
@@ -210,26 +214,57 @@ fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
     });
 }
 
-/// libiscsi's task management tests through the partner's path (b for
-/// a's LUN): ABORT TASK of a WRITE in flight and LOGICAL UNIT RESET.
-/// Before, b refused task management for forwarded sessions (FUNCTION
-/// NOT SUPPORTED) and AbortTaskSimpleAsync failed.
+/// libiscsi's task management and RESERVE(6) tests through the partner's
+/// path (b for a's LUN): ABORT TASK of a WRITE in flight, LOGICAL UNIT
+/// RESET, and RESERVE(6) released by logout, nexus loss and each reset.
+/// Before, b refused task management for forwarded sessions (FUNCTION NOT
+/// SUPPORTED: AbortTaskSimpleAsync failed) and neither resets nor nexus
+/// loss reached the owner (Reserve6 Logout, ITNexusLoss, *Reset failed).
 #[test]
-fn task_management_through_the_partner_path() {
+fn task_management_and_reserve6_through_the_partner_path() {
     require_tool("iscsi-test-cu");
     let pair = Pair::up("pair-tmf");
     let url = format!("iscsi://127.0.0.2:{}/{A}/0", pair.port);
-    let out = run(
-        Command::new("iscsi-test-cu").args(["--dataloss", "-t", "iSCSI.iSCSITMF", &url]),
-        Duration::from_secs(300),
-    );
-    let text = both(&out);
-    for t in ["AbortTaskSimpleAsync", "LUNResetSimpleAsync"] {
-        assert!(
-            text.lines()
-                .any(|l| l.contains(&format!("Test: {t} ...passed"))),
-            "{t} did not pass through b:\n{text}"
+    for (suite, tests) in [
+        (
+            "iSCSI.iSCSITMF",
+            &["AbortTaskSimpleAsync", "LUNResetSimpleAsync"][..],
+        ),
+        (
+            "SCSI.Reserve6",
+            &[
+                "Simple",
+                "2Initiators",
+                "Logout",
+                "ITNexusLoss",
+                "TargetColdReset",
+                "TargetWarmReset",
+                "LUNReset",
+            ][..],
+        ),
+    ] {
+        let out = run(
+            Command::new("iscsi-test-cu").args(["--dataloss", "-t", suite, &url]),
+            Duration::from_secs(300),
         );
+        let text = both(&out);
+        // "tests  N  N  N  0  0": all ran, all passed, none failed.
+        let n = tests.len();
+        let want = format!("tests {n} {n} {n} 0 0");
+        let summary = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .find(|l| l.starts_with("tests "));
+        assert_eq!(
+            summary.as_deref(),
+            Some(want.as_str()),
+            "{suite} through b:\n{text}"
+        );
+        for t in tests {
+            assert!(
+                text.contains(&format!("Test: {t} ...")),
+                "{suite}.{t} did not run:\n{text}"
+            );
+        }
     }
-    assert!(!text.contains("FAILED"), "{text}");
 }
