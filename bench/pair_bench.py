@@ -73,6 +73,10 @@ INITIATOR = os.environ.get("INITIATOR") or "iqn.2026-11.test:pair-bench"
 OUT = os.environ.get("OUT") or os.path.join(
     HERE, "results", "pair-" + time.strftime("%Y%m%d-%H%M%S"))
 
+# The fio running now (killed on the way out: a fio whose target is gone
+# keeps reconnecting and ignores SIGTERM)
+FIO_PROCS = []
+
 # R1 and R2: far apart in the 1 GiB LUN
 R1_OFF = 64 << 20
 R2_OFF = 512 << 20
@@ -273,6 +277,7 @@ def run_fio(name, url, args, runtime, ramp, pids, out):
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, name + ".log"), "w"),
                          start_new_session=True)
+    FIO_PROCS.append(p)
 
     def ticks():
         v = [proc_ticks(x) for x in pids]
@@ -294,6 +299,7 @@ def run_fio(name, url, args, runtime, ramp, pids, out):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         rc = p.wait()
+    FIO_PROCS.remove(p)
     m = {"name": name, "rc": rc, "load": load, "bg_busy_pct": bg, "err": None,
          "end_ms": int(time.time() * 1000)}
     try:
@@ -563,6 +569,10 @@ def main():
     except KeyboardInterrupt:
         bad.append("interrupted")
     finally:
+        for p in FIO_PROCS:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         single.down()
         pair.down()
         for n in ("a", "b"):
