@@ -1,6 +1,6 @@
 #!/bin/bash
 # Static checks for the bench harness: bash -n, shellcheck (if installed),
-# python3 byte-compile of the table helper. Runs nothing against a target.
+# python3 parse of the helpers. Runs nothing against a target.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rc=0
@@ -12,6 +12,8 @@ if command -v shellcheck >/dev/null; then
 else
   echo "shellcheck not installed (apt-get install -y shellcheck); skipped" >&2
 fi
-python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])' "$HERE/fio_matrix.py" || rc=1
+for p in "$HERE"/*.py; do
+  python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])' "$p" || rc=1
+done
 [ $rc = 0 ] && echo "bench harness: ok"
 exit $rc

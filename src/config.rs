@@ -122,6 +122,11 @@ pub struct NodeSection {
     pub aggregate_size: Option<String>,
     /// Size of the NVRAM region file created on first start ("256MiB").
     pub nvram_size: Option<String>,
+    /// Longest time data stays dirty before a consistency point, in ms
+    /// (10000 by default). A CP also runs when the active log half is half
+    /// full. A larger value keeps more of the log unpruned (benchmarks of
+    /// takeover replay); it does not change what a write survives.
+    pub cp_interval_ms: Option<u64>,
     /// What an acknowledged write survives: "process" (the mapped log file
     /// survives a killed process; default) or "power" (the record is synced to
     /// the device before status; survives power loss).
@@ -348,6 +353,14 @@ impl Config {
             .unwrap_or(DEFAULT_AGGREGATE_SIZE)
     }
 
+    /// `node.cp_interval_ms`, or the default.
+    pub fn cp_interval(&self) -> std::time::Duration {
+        self.node
+            .cp_interval_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(crate::storedev::DEFAULT_CP_INTERVAL)
+    }
+
     pub fn nvram_size(&self) -> u64 {
         self.node
             .nvram_size
@@ -410,6 +423,14 @@ impl Config {
                 return Err(invalid(
                     "node.nvram_size".into(),
                     format!("{s:?} is not a size of at least 1MiB"),
+                ));
+            }
+        }
+        if let Some(ms) = self.node.cp_interval_ms {
+            if !(100..=86_400_000).contains(&ms) {
+                return Err(invalid(
+                    "node.cp_interval_ms".into(),
+                    format!("{ms} is not between 100 and 86400000"),
                 ));
             }
         }
@@ -648,6 +669,18 @@ mod tests {
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
         assert!(e.starts_with("t.toml:7: target[0].lun[0].size:"), "{e}");
         assert!(e.contains("larger than the aggregate"), "{e}");
+    }
+
+    #[test]
+    fn cp_interval() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.cp_interval(), crate::storedev::DEFAULT_CP_INTERVAL);
+        let c = Config::parse("[node]\ncp_interval_ms = 60000\n", "t.toml").unwrap();
+        assert_eq!(c.cp_interval(), std::time::Duration::from_secs(60));
+        let e = Config::parse("[node]\ncp_interval_ms = 5\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: node.cp_interval_ms:"), "{e}");
     }
 
     #[test]

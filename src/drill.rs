@@ -62,6 +62,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_millis(50);
 /// The initiator name of the load and the verifier.
 const INITIATOR: &str = "iqn.2026-11.io.nvtarget:drill";
+/// The initiator name of `--log-fill-mib`'s writes (its own session).
+const FILL_INITIATOR: &str = "iqn.2026-11.io.nvtarget:drill-fill";
 
 /// `nvtarget drill` arguments.
 #[derive(clap::Args, Debug)]
@@ -86,6 +88,41 @@ pub struct DrillArgs {
     /// Commands in flight (about a quarter of them reads).
     #[arg(long, default_value_t = 16)]
     pub qd: usize,
+    /// kill-owner only: before each kill, write this many MiB to node a's
+    /// LUN 0 past the verified range (1 MiB sequential writes, 8 in
+    /// flight), so that the owner's log holds at least that much unpruned
+    /// at the kill (checked in its status.json) and the takeover replays
+    /// it. Sizes the pair for it: LUN 0 of 64 MiB + N, an NVRAM region
+    /// whose log half holds N + 512 MiB below its half-full CP trigger,
+    /// `node.cp_interval_ms` of 10 minutes.
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    pub log_fill_mib: u64,
+}
+
+/// How much of its log half a node fills before it asks for a CP.
+const CP_TRIGGER_FRACTION: u64 = 2;
+/// Room in the log half beyond `--log-fill-mib` for the load's records.
+const LOG_FILL_SLACK_MIB: u64 = 512;
+/// CP interval of the pair during a `--log-fill-mib` drill.
+const LOG_FILL_CP_INTERVAL_MS: u64 = 600_000;
+
+/// The pair's sizes for `--log-fill-mib N` (None for N = 0): LUN size,
+/// aggregate size, NVRAM region size, each as a config size string.
+fn log_fill_sizes(n_mib: u64) -> Option<(String, String, String)> {
+    if n_mib == 0 {
+        return None;
+    }
+    let lun = (RANGE_BYTES >> 20) + n_mib;
+    let aggr = (2 * lun + 1024).max(4096);
+    // Layout: header 4 KiB, then 4 halves (2 local, 2 partner); a CP is
+    // asked for when the active half is half full.
+    let half = CP_TRIGGER_FRACTION * (n_mib + LOG_FILL_SLACK_MIB) + 1;
+    let region = 4 * half + 1;
+    Some((
+        format!("{lun}MiB"),
+        format!("{aggr}MiB"),
+        format!("{region}MiB"),
+    ))
 }
 
 /// The fault a round injects.
@@ -130,6 +167,20 @@ pub struct NodeStatus {
     pub partner_alive: bool,
     /// Targets this node serves as owner, taken-over ones included.
     pub serving: Vec<String>,
+    /// The node's NVRAM log, when it has one.
+    pub log: Option<LogView>,
+}
+
+/// The `log` object of `status.json`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LogView {
+    pub active_half: u64,
+    /// Percent of the active half holding records.
+    pub fill_pct: f64,
+    pub cps: u64,
+    pub next_seq: u64,
+    pub pruned_seq: u64,
 }
 
 impl NodeStatus {
@@ -902,7 +953,13 @@ impl Load {
 /// Logs in to the load's target and clears unit attentions (a takeover or
 /// giveback raises some), all within [`LOGIN_TIMEOUT`] and twice that.
 async fn login(addr: &str, target: &str) -> anyhow::Result<Client> {
-    let opts = LoginOptions::new(INITIATOR, target);
+    login_as(addr, target, INITIATOR).await
+}
+
+/// [`login`] with another initiator name: a second session of the same
+/// name (and ISID) would reinstate, i.e. end, the load's session.
+async fn login_as(addr: &str, target: &str, initiator: &str) -> anyhow::Result<Client> {
+    let opts = LoginOptions::new(initiator, target);
     let mut c = tokio::time::timeout(LOGIN_TIMEOUT, Client::connect(addr, &opts))
         .await
         .map_err(|_| anyhow::anyhow!("login to {target} at {addr} timed out"))?
@@ -1072,6 +1129,10 @@ struct RoundResult {
     /// Units holding a write that was never acknowledged (allowed), at
     /// this round's verify.
     landed: u64,
+    /// `--log-fill-mib`: MiB of the owner's log unpruned at the kill, per
+    /// its last status, and how long the fill took.
+    log_at_kill_mib: Option<f64>,
+    fill_ms: Option<f64>,
 }
 
 impl RoundResult {
@@ -1150,6 +1211,87 @@ impl Drill<'_> {
         .map(|_| ())
     }
 
+    /// `--log-fill-mib`: writes the fill past the verified range of node
+    /// a's LUN 0 and checks in a's status that its log holds at least that
+    /// much unpruned. Returns the MiB the status shows.
+    async fn fill_log(&self) -> anyhow::Result<f64> {
+        const CHUNK: u64 = 1 << 20;
+        const IN_FLIGHT: u64 = 8;
+        let n = self.args.log_fill_mib;
+        let before = read_status(&self.spec, 0)
+            .and_then(|s| s.log)
+            .context("node a's status has no log")?;
+        let client = Arc::new(login_as(&self.ctx.addr, &self.ctx.target, FILL_INITIATOR).await?);
+        let bs = u64::from(self.ctx.block_size);
+        // Not zeros (which a target may treat as unmapping) and not all alike.
+        let chunk: Bytes = (0..CHUNK).map(|i| (i % 251) as u8 | 1).collect();
+        let first = RANGE_BYTES / bs;
+        let mut tasks = Vec::new();
+        for w in 0..IN_FLIGHT {
+            let (client, chunk) = (client.clone(), chunk.clone());
+            let bsz = self.ctx.block_size;
+            tasks.push(tokio::spawn(async move {
+                let mut i = w;
+                while i < n {
+                    client
+                        .write16(0, first + i * CHUNK / bs, chunk.clone(), bsz, false)
+                        .await?;
+                    i += IN_FLIGHT;
+                }
+                Ok::<_, nvtarget_client::ClientError>(())
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(300), t)
+                .await
+                .map_err(|_| anyhow::anyhow!("--log-fill-mib: writes took over 300 s"))?
+                .context("fill task")?
+                .context("--log-fill-mib write")?;
+        }
+        if let Ok(c) = Arc::try_unwrap(client) {
+            let _ = tokio::time::timeout(Duration::from_secs(6), c.logout()).await;
+        }
+        let done_ms = unix_ms();
+        let half = nvtarget_nvram::Layout::for_size(
+            crate::config::parse_size(&self.spec.nvram_size).unwrap_or(0),
+        )
+        .map(|l| l.half_capacity())
+        .context("the pair's NVRAM size")?;
+        let log = wait_for(
+            "node a's status after the log fill",
+            Duration::from_secs(10),
+            || {
+                self.nodes.check_running(0)?;
+                Ok(read_status(&self.spec, 0)
+                    .filter(|s| s.unix_ms > done_ms)
+                    .and_then(|s| s.log))
+            },
+        )
+        .await?;
+        let mib = log.fill_pct / 100.0 * half as f64 / f64::from(1u32 << 20);
+        tracing::info!(
+            fill_mib = n,
+            log_mib = mib,
+            fill_pct = log.fill_pct,
+            cps_before = before.cps,
+            cps = log.cps,
+            next_seq = log.next_seq,
+            pruned_seq = log.pruned_seq,
+            "log filled"
+        );
+        if log.cps != before.cps || mib < n as f64 {
+            anyhow::bail!(
+                "--log-fill-mib {n}: node a's log holds {mib:.0} MiB unpruned \
+                 ({}% of a {} MiB half; CPs {} -> {}): a CP ran during the fill",
+                log.fill_pct,
+                half >> 20,
+                before.cps,
+                log.cps
+            );
+        }
+        Ok(mib)
+    }
+
     async fn kill_round(
         &self,
         victim: usize,
@@ -1159,6 +1301,12 @@ impl Drill<'_> {
         let survivor = 1 - victim;
         let (vname, sname) = (NODES[victim], NODES[survivor]);
         self.run_load_for(load, self.args.load_secs).await?;
+        if victim == 0 && self.args.log_fill_mib > 0 {
+            let t0 = Instant::now();
+            let mib = self.fill_log().await?;
+            r.fill_ms = Some(ms(t0.elapsed()));
+            r.log_at_kill_mib = Some(mib);
+        }
         let before = read_takeover_raw(&self.spec, survivor);
         let fault = load.mark();
         let kill_ms = unix_ms();
@@ -1444,7 +1592,7 @@ fn round_line(i: u32, rounds: u32, fault: Fault, r: &RoundResult) -> String {
          first-io {fio}, first-write {fw}, max-pause {mp}, write-pause {wp}, \
          acked {acked}, reads {reads}, sessions {sessions}, lost {lost}, garbage {garbage}, \
          stale-reads {stale}, bad-reads {bad}, unacked-landed {landed}, \
-         unacked-vanished {vanished}, giveback {gb}",
+         unacked-vanished {vanished}, giveback {gb}{fill}",
         fault = fault.name(),
         detect = r.detect_ms.map_or("-".into(), |d| format!("{d}ms")),
         fio = opt_ms(r.first_io_ms),
@@ -1461,6 +1609,10 @@ fn round_line(i: u32, rounds: u32, fault: Fault, r: &RoundResult) -> String {
         landed = r.landed,
         vanished = r.vanished_reads,
         gb = opt_ms(r.giveback_ms),
+        fill = match (r.log_at_kill_mib, r.fill_ms) {
+            (Some(m), f) => format!(", log-at-kill {m:.0}MiB (fill {})", opt_ms(f)),
+            _ => String::new(),
+        },
     )
 }
 
@@ -1550,6 +1702,12 @@ fn totals(fault: Fault, planned: u32, results: &[RoundResult]) -> String {
             }
         }
     }
+    if let Some((lo, med, hi)) = min_median_max(&col(|r| r.log_at_kill_mib)) {
+        let _ = writeln!(
+            out,
+            "log at kill (MiB unpruned on the owner): min {lo:.0}, median {med:.0}, max {hi:.0}"
+        );
+    }
     let sum = |f: fn(&RoundResult) -> u64| results.iter().map(f).sum::<u64>();
     let _ = writeln!(
         out,
@@ -1576,7 +1734,16 @@ pub fn run(args: DrillArgs) -> anyhow::Result<()> {
     if args.qd == 0 || args.rounds == 0 || !args.load_secs.is_finite() || args.load_secs <= 0.0 {
         anyhow::bail!("--qd, --rounds and --load-secs must be above zero");
     }
+    if args.log_fill_mib > 0 && args.fault != Fault::KillOwner {
+        anyhow::bail!("--log-fill-mib needs --fault kill-owner");
+    }
     let mut spec = PairSpec::local(&args.data_dir, args.port);
+    if let Some((lun, aggr, nvram)) = log_fill_sizes(args.log_fill_mib) {
+        spec.lun_size = lun;
+        spec.aggregate_size = aggr;
+        spec.nvram_size = nvram;
+        spec.cp_interval_ms = Some(LOG_FILL_CP_INTERVAL_MS);
+    }
     for (n, name) in NODES.iter().enumerate() {
         if let Some(pid) = pair::read_pid(&spec, n).filter(|&p| pair::alive(p)) {
             anyhow::bail!(
@@ -1898,6 +2065,22 @@ mod tests {
         assert_eq!(st.max_pause, Duration::from_millis(1000));
         assert_eq!(st.max_write_pause, Duration::from_millis(1000));
         assert_eq!(st.sessions, 2);
+    }
+
+    #[test]
+    fn log_fill_sizes_leave_the_fill_below_the_cp_trigger() {
+        assert_eq!(log_fill_sizes(0), None);
+        for n in [1, 256, 1024] {
+            let (lun, aggr, nvram) = log_fill_sizes(n).unwrap();
+            let p = |s: &str| crate::config::parse_size(s).unwrap();
+            assert_eq!(p(&lun), RANGE_BYTES + (n << 20));
+            assert!(p(&aggr) > p(&lun));
+            let l = nvtarget_nvram::Layout::for_size(p(&nvram)).unwrap();
+            assert!(
+                l.half_capacity() / 2 >= (n + LOG_FILL_SLACK_MIB) << 20,
+                "{n}"
+            );
+        }
     }
 
     #[test]

@@ -426,6 +426,7 @@ impl Node {
 pub fn log_options(config: &Config) -> LogOptions {
     LogOptions {
         size: config.nvram_size(),
+        cp_interval: config.cp_interval(),
         durability: match config.node.nvram_durability {
             NvramDurability::Process => nvtarget_nvram::Durability::Process,
             NvramDurability::Power => nvtarget_nvram::Durability::Power,

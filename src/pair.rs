@@ -42,6 +42,8 @@ pub struct PairSpec {
     pub lun_size: String,
     pub aggregate_size: String,
     pub nvram_size: String,
+    /// `node.cp_interval_ms`; None leaves the default (10 s).
+    pub cp_interval_ms: Option<u64>,
     pub heartbeat_ms: u64,
     pub missed_heartbeats: u32,
     pub paths: u8,
@@ -68,6 +70,7 @@ impl PairSpec {
             lun_size: "1GiB".into(),
             aggregate_size: "4GiB".into(),
             nvram_size: "256MiB".into(),
+            cp_interval_ms: None,
             heartbeat_ms: 100,
             missed_heartbeats: 10,
             paths: 1,
@@ -103,7 +106,7 @@ impl PairSpec {
 [node]
 data_dir = "{name}"
 aggregate_size = "{aggr}"
-nvram_size = "{nvram}"{metrics}
+nvram_size = "{nvram}"{cp}{metrics}
 
 [[portal]]
 listen = "{portal}"
@@ -134,6 +137,10 @@ block_size = 512
             partner = NODES[other],
             aggr = self.aggregate_size,
             nvram = self.nvram_size,
+            cp = self
+                .cp_interval_ms
+                .map(|ms| format!("\ncp_interval_ms = {ms}"))
+                .unwrap_or_default(),
             metrics = self.metrics[node]
                 .map(|m| format!("\nmetrics = \"{m}\""))
                 .unwrap_or_default(),
@@ -443,7 +450,7 @@ mod tests {
         for (n, name) in NODES.iter().enumerate() {
             let cfg = crate::config::Config::parse(&spec.config_text(n), "gen")
                 .unwrap_or_else(|e| panic!("node {n}: {e}"));
-            let p = cfg.pair.expect("pair section");
+            let p = cfg.pair.clone().expect("pair section");
             assert_eq!(p.node, *name);
             assert_eq!(p.partner_interconnect, spec.interconnect[1 - n].to_string());
             assert_eq!(p.partner_portal, spec.portal[1 - n].to_string());
@@ -451,6 +458,13 @@ mod tests {
             let m: SocketAddr = cfg.node.metrics.as_deref().unwrap().parse().unwrap();
             assert_eq!((m.ip(), m.port()), (spec.portal[n].ip(), 3280));
             assert_eq!(cfg.targets[0].name, PairSpec::target_name(n));
+            assert_eq!(cfg.cp_interval(), crate::storedev::DEFAULT_CP_INTERVAL);
         }
+        let mut big = spec.clone();
+        big.cp_interval_ms = Some(600_000);
+        big.nvram_size = "9GiB".into();
+        let cfg = crate::config::Config::parse(&big.config_text(0), "gen").unwrap();
+        assert_eq!(cfg.cp_interval(), Duration::from_secs(600));
+        assert_eq!(cfg.nvram_size(), 9 << 30);
     }
 }

@@ -7,8 +7,8 @@
 //! more: the log is the stable copy.
 //!
 //! Consistency points: a thread waits until the log asks for one (active half
-//! half full, an append waiting for room, or on demand) or `CP_INTERVAL`
-//! passes with data dirty; then `begin_cp` switches the log to its other half
+//! half full, an append waiting for room, or on demand) or the CP interval
+//! (`node.cp_interval_ms`, default 10 s) passes with data dirty; then `begin_cp` switches the log to its other half
 //! and returns once every record up to the ticket is in the dirty set, the
 //! aggregate commits a CP recording that seq, and `cp_done` prunes the half.
 //!
@@ -29,7 +29,9 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 
-const CP_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest time data stays dirty before a CP unless `node.cp_interval_ms`
+/// says otherwise.
+pub const DEFAULT_CP_INTERVAL: Duration = Duration::from_secs(10);
 /// Most data in one WRITE record: below the mirror's frame bound (16 MiB
 /// plus headers), so every record can be mirrored.
 const MAX_RECORD_DATA: u64 = 8 << 20;
@@ -49,6 +51,8 @@ pub struct Store {
     closed: AtomicBool,
     /// Writes between the `closed` check and their answer.
     inflight: AtomicU64,
+    /// A CP runs at least this often while data is dirty.
+    cp_interval: Duration,
 }
 
 struct Gate<'a>(&'a AtomicU64);
@@ -79,6 +83,8 @@ struct CpState {
 pub struct LogOptions {
     pub size: u64,
     pub durability: Durability,
+    /// A CP runs at least this often while data is dirty.
+    pub cp_interval: Duration,
 }
 
 fn log_err(e: nvtarget_nvram::Error) -> DevError {
@@ -215,7 +221,7 @@ impl Store {
             if takeover && n == 0 {
                 // The partner's records are in the dirty set and stay
                 // covered by its mirrored log until the CP thread commits
-                // them (within CP_INTERVAL): serving must not wait for
+                // them (within the CP interval): serving must not wait for
                 // that CP.
                 aggr.note_applied_seq(ticket.seq());
             } else {
@@ -241,6 +247,7 @@ impl Store {
             mirror: OnceLock::new(),
             closed: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
+            cp_interval: log_opts.cp_interval,
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -446,7 +453,7 @@ fn cp_thread(store: std::sync::Weak<Store>) {
         {
             let mut st = s.cp.lock();
             let explicit = st.wanted > st.started;
-            let timer = last.elapsed() >= CP_INTERVAL && s.aggr.dirty_bytes() > 0;
+            let timer = last.elapsed() >= s.cp_interval && s.aggr.dirty_bytes() > 0;
             // `stop` is checked under the same lock that marks the CP
             // running, so `stop_cp` never returns with a CP about to begin.
             if st.stop || !(needed || explicit || timer) {
