@@ -179,6 +179,9 @@ struct PartnerReads {
     /// Commands forwarded to the owner over the interconnect.
     forwarded: u64,
     forward_errors: u64,
+    /// Highest seq of the partner's log its CPs made durable (our index
+    /// and mirrored copy no longer hold it).
+    partner_pruned_seq: u64,
 }
 
 fn write_status(dir: &Path, s: &Status) {
@@ -475,6 +478,7 @@ impl Ha {
                 }
                 Event::Pruned(seq) => {
                     index.lock().prune(seq);
+                    stats.pruned_seq.fetch_max(seq, Ordering::Release);
                 }
                 Event::PeerSilent { .. } => {
                     // The owner may go unmirrored: our index stops being
@@ -787,6 +791,7 @@ impl Ha {
                     live_replayed: self.partner_stats.live_reads.load(Ordering::Relaxed),
                     forwarded: self.partner_stats.forwarded.load(Ordering::Relaxed),
                     forward_errors: self.partner_stats.forward_errors.load(Ordering::Relaxed),
+                    partner_pruned_seq: self.partner_stats.pruned_seq.load(Ordering::Acquire),
                 }),
             },
         );

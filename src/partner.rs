@@ -52,6 +52,9 @@ pub struct PartnerStats {
     pub live_reads: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_errors: AtomicU64,
+    /// The partner's CPs cover every seq up to this one: our index no
+    /// longer holds them (set after the index is pruned).
+    pub pruned_seq: AtomicU64,
 }
 
 /// One of the partner's targets, presented here.

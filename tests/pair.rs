@@ -182,6 +182,10 @@ fn partner_path_reads_newest_data_live_replayed_and_forwarded() {
         pair.wait_status("a", "the CP covering the writes pruned them", |s| {
             s["log"]["pruned_seq"].as_u64().unwrap() >= last
         });
+        // The prune reaches b over the interconnect a little later.
+        pair.wait_status("b", "b pruned its copies of a's records", |s| {
+            s["partner_reads"]["partner_pruned_seq"].as_u64().unwrap() >= last
+        });
         let fwd0 = pair.partner_reads("b", "forwarded");
         check_units(&partner, 1, "b (forwarded)").await;
         pair.wait_status("b", "forwarded reads counted", |s| {
