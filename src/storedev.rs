@@ -127,6 +127,13 @@ impl Storage for FencedStorage {
     fn io_parallelism(&self) -> usize {
         self.inner.io_parallelism()
     }
+    fn writes_vectored(&self) -> bool {
+        self.inner.writes_vectored()
+    }
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.fence.check()?;
+        self.inner.write_parts_at(parts, offset)
+    }
 }
 
 impl Store {
