@@ -409,9 +409,12 @@ pub fn log_options(config: &Config) -> LogOptions {
     LogOptions {
         size: config.nvram_size(),
         durability: match config.node.nvram_durability {
-            NvramDurability::Process => nvtarget_nvram::Durability::Process,
+            NvramDurability::Process | NvramDurability::BenchNoLog => {
+                nvtarget_nvram::Durability::Process
+            }
             NvramDurability::Power => nvtarget_nvram::Durability::Power,
         },
+        bench_no_log: config.node.nvram_durability == NvramDurability::BenchNoLog,
     }
 }
 
