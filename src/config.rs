@@ -129,7 +129,10 @@ pub struct NodeSection {
     pub cp_interval_ms: Option<u64>,
     /// What an acknowledged write survives: "process" (the mapped log file
     /// survives a killed process; default) or "power" (the record is synced to
-    /// the device before status; survives power loss).
+    /// the device before status; survives power loss). "none" is for
+    /// benchmarks only (the cost of the log itself): writes go straight to the
+    /// store's dirty set without a log record, so every write acknowledged
+    /// since the last CP is LOST when the process dies.
     #[serde(default)]
     pub nvram_durability: NvramDurability,
     /// `ADDR:PORT` to serve Prometheus metrics on; `--metrics` overrides it.
@@ -143,6 +146,9 @@ pub enum NvramDurability {
     #[default]
     Process,
     Power,
+    /// UNSAFE, benchmarks only: no log record at all (see `nvram_durability`).
+    #[serde(rename = "none")]
+    BenchNoLog,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -582,6 +588,13 @@ impl Config {
                 return Err(invalid(
                     "pair".into(),
                     "every LUN of a pair node must use the store backend (only the log is mirrored)"
+                        .into(),
+                ));
+            }
+            if self.node.nvram_durability == NvramDurability::BenchNoLog {
+                return Err(invalid(
+                    "node.nvram_durability".into(),
+                    "\"none\" (no log, benchmarks only) cannot be used in a pair: there is no log to mirror"
                         .into(),
                 ));
             }

@@ -428,9 +428,12 @@ pub fn log_options(config: &Config) -> LogOptions {
         size: config.nvram_size(),
         cp_interval: config.cp_interval(),
         durability: match config.node.nvram_durability {
-            NvramDurability::Process => nvtarget_nvram::Durability::Process,
+            NvramDurability::Process | NvramDurability::BenchNoLog => {
+                nvtarget_nvram::Durability::Process
+            }
             NvramDurability::Power => nvtarget_nvram::Durability::Power,
         },
+        bench_no_log: config.node.nvram_durability == NvramDurability::BenchNoLog,
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Store {
     /// atomic instead of taking the CP mutex on every I/O.
     poisoned: AtomicBool,
     mirror: OnceLock<Arc<dyn WriteMirror>>,
+    /// `LogOptions::bench_no_log`.
+    bench_no_log: bool,
     /// Giveback: no more writes (see `close`).
     closed: AtomicBool,
     /// Writes between the `closed` check and their answer.
@@ -85,6 +87,11 @@ pub struct LogOptions {
     pub durability: Durability,
     /// A CP runs at least this often while data is dirty.
     pub cp_interval: Duration,
+    /// Benchmarks only (`node.nvram_durability = "none"`): writes skip the
+    /// log and go straight to the dirty set; a crash loses every write since
+    /// the last CP. The log is still opened: its CP requests drive the CP
+    /// thread.
+    pub bench_no_log: bool,
 }
 
 fn log_err(e: nvtarget_nvram::Error) -> DevError {
@@ -135,6 +142,13 @@ impl Storage for FencedStorage {
     }
     fn io_parallelism(&self) -> usize {
         self.inner.io_parallelism()
+    }
+    fn writes_vectored(&self) -> bool {
+        self.inner.writes_vectored()
+    }
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.fence.check()?;
+        self.inner.write_parts_at(parts, offset)
     }
 }
 
@@ -237,6 +251,9 @@ impl Store {
             durability = ?log_opts.durability,
             "NVRAM log replayed"
         );
+        if log_opts.bench_no_log {
+            tracing::warn!("node.nvram_durability = \"none\": writes are NOT logged; a crash loses every write acknowledged since the last CP (benchmarks only)");
+        }
         let store = Arc::new(Store {
             aggr,
             log,
@@ -245,6 +262,7 @@ impl Store {
             cp_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             mirror: OnceLock::new(),
+            bench_no_log: log_opts.bench_no_log,
             closed: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             cp_interval: log_opts.cp_interval,
@@ -284,6 +302,9 @@ impl Store {
         if self.closed.load(Ordering::SeqCst) {
             return Err(DevError::ReadOnly);
         }
+        if self.bench_no_log {
+            return Ok(self.apply_unlogged(apply));
+        }
         let mirror = self.mirror.get();
         let (seq, r) = self
             .log
@@ -308,6 +329,23 @@ impl Store {
             acked?;
         }
         Ok(r)
+    }
+
+    /// `bench_no_log`: applies a write without a record. CPs and flow
+    /// control follow the log's rules with dirty bytes standing in for log
+    /// bytes: a CP is asked for once the dirty set holds half a log half, and
+    /// writes wait while it holds a whole half (a CP still running).
+    fn apply_unlogged<R>(&self, apply: impl FnOnce() -> R) -> R {
+        let half = self.log.layout().half_capacity();
+        while self.aggr.dirty_bytes() >= half {
+            self.log.request_cp();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let r = apply();
+        if self.aggr.dirty_bytes() >= half / 2 {
+            self.log.request_cp();
+        }
+        r
     }
 
     /// The LUN called `name`, created (or grown) to `size` bytes.

@@ -804,12 +804,23 @@ impl Aggregate {
             match d.active.blocks.get_mut(&(lun, blk)) {
                 Some(DirtyBlock::Data(b)) => b[inb].copy_from_slice(src),
                 _ => {
-                    let mut b = match heads.iter().position(|(h, _)| *h == blk) {
-                        Some(i) => heads.swap_remove(i).1,
-                        // A full block, or a Zero entry in the active set.
-                        None => zero_block(),
+                    let b = match heads.iter().position(|(h, _)| *h == blk) {
+                        Some(i) => {
+                            let mut b = heads.swap_remove(i).1;
+                            b[inb].copy_from_slice(src);
+                            b
+                        }
+                        // A full block: one copy, no zeroing first.
+                        None => match <&[u8; BLOCK_SIZE]>::try_from(src) {
+                            Ok(full) => block_from(full),
+                            // Part of a Zero entry in the active set.
+                            Err(_) => {
+                                let mut b = zero_block();
+                                b[inb].copy_from_slice(src);
+                                b
+                            }
+                        },
                     };
-                    b[inb].copy_from_slice(src);
                     d.active.blocks.insert((lun, blk), DirtyBlock::Data(b));
                 }
             }

@@ -70,9 +70,10 @@ pub(crate) fn parallel_crcs<K: Sync>(entries: &[(K, Option<&Block>)]) -> Vec<u32
 }
 
 /// Writes blocks sorted by number, coalescing contiguous ones into single
-/// writes of up to MAX_IO_BLOCKS, with up to `storage.io_parallelism()`
-/// writes in flight (the caller syncs afterwards, so their order is free).
-/// Returns the number of write calls.
+/// writes of up to MAX_IO_BLOCKS: vectored straight from the blocks where
+/// the storage can (buffered files), else gathered into aligned buffers with
+/// up to `storage.io_parallelism()` writes in flight (the caller syncs
+/// afterwards, so their order is free). Returns the number of write calls.
 pub(crate) fn write_runs(
     storage: &dyn Storage,
     mut blocks: Vec<(u64, &[u8; BLOCK_SIZE])>,
@@ -105,6 +106,15 @@ pub(crate) fn write_runs(
         storage.write_at(dst, blocks[r.start].0 * BS)?;
         Ok(())
     };
+    if storage.writes_vectored() {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(MAX_IO_BLOCKS);
+        for r in &runs {
+            parts.clear();
+            parts.extend(blocks[r.clone()].iter().map(|(_, b)| &b[..]));
+            storage.write_parts_at(&parts, blocks[r.start].0 * BS)?;
+        }
+        return Ok(runs.len() as u64);
+    }
     let threads = storage.io_parallelism().clamp(1, 16).min(runs.len());
     if threads <= 1 {
         let mut buf = Vec::new();

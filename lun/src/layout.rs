@@ -108,6 +108,20 @@ pub fn zero_block() -> Block {
     Box::new([0u8; BLOCK_SIZE])
 }
 
+/// A block holding a copy of `src` (exactly `BLOCK_SIZE` bytes), without
+/// zeroing it first.
+pub fn block_from(src: &[u8; BLOCK_SIZE]) -> Block {
+    // `Box::new(*src)` may go through the stack; this is malloc + memcpy.
+    match Box::<[u8]>::from(&src[..]).try_into() {
+        Ok(b) => b,
+        Err(_) => {
+            let mut b = zero_block();
+            b.copy_from_slice(src);
+            b
+        }
+    }
+}
+
 /// A decoded map node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node(pub [BlockPtr; FANOUT]);

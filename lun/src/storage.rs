@@ -35,6 +35,18 @@ pub trait Storage: Send + Sync + 'static {
     fn io_parallelism(&self) -> usize {
         1
     }
+    /// Whether `write_parts_at` writes straight from the caller's buffers
+    /// (pwritev). Then a CP writes its runs that way, on one thread: buffered
+    /// writes to one file serialize in the kernel anyway, and gathering them
+    /// first is a copy of every block.
+    fn writes_vectored(&self) -> bool {
+        false
+    }
+    /// Writes `parts` back to back from `offset`. The default gathers them
+    /// into one buffer for `write_at`.
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_at(&parts.concat(), offset)
+    }
 }
 
 /// A zeroed buffer of `len` bytes whose start is 4096-aligned (as O_DIRECT
@@ -122,6 +134,28 @@ impl Storage for FileStorage {
         // Enough queue depth for SSDs/virtio when free space is fragmented
         // and a CP is many small writes.
         16
+    }
+    fn writes_vectored(&self) -> bool {
+        // O_DIRECT needs aligned buffers, which a gathered run is.
+        !self.direct
+    }
+    fn write_parts_at(&self, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+        if self.direct {
+            return self.write_at(&parts.concat(), offset);
+        }
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            // IOV_MAX is 1024 on Linux.
+            let n = rest.len().min(1024);
+            let written = rustix::io::pwritev(&self.file, &rest[..n], offset)?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            offset += written as u64;
+            io::IoSlice::advance_slices(&mut rest, written);
+        }
+        Ok(())
     }
 }
 
