@@ -236,6 +236,9 @@ impl WriteMirror for MirrorAdapter {
             .wait_acked(seq)
             .map_err(|e| DevError::Io(std::io::Error::other(format!("mirror: {e}"))))
     }
+    fn watch_acks(&self) -> tokio::sync::watch::Receiver<crate::interconnect::AckView> {
+        self.0.watch_acks()
+    }
     fn cp_done(&self, seq: Seq) {
         self.0.cp_done(seq);
     }

@@ -37,7 +37,7 @@
 //! * Bytes of a connection that is no longer its path's current one are
 //!   dropped: a replaced or closed connection never feeds the state machine.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,7 +51,7 @@ use nvtarget_mirror::sender::SenderStats;
 use nvtarget_mirror::{
     Config, Event, NodeState, PartnerStore, PathId, Receiver, RecordSource, Sender, Seq, Transmit,
 };
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
@@ -86,6 +86,16 @@ pub enum MirrorWaitError {
     Failed(nvtarget_mirror::Error),
     #[error("the mirror was shut down")]
     Shutdown,
+}
+
+/// What async waiters watch (one receiver per iSCSI connection, not per
+/// write): the highest acknowledged seq, and why waits beyond it fail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AckView {
+    pub acked: Seq,
+    /// Set while `wait_acked` would return this error for a seq above
+    /// `acked` (mirroring failed, or the mirror was shut down).
+    pub error: Option<MirrorWaitError>,
 }
 
 // ---------------------------------------------------------------------------
@@ -166,6 +176,11 @@ impl MirrorHandle {
 
     pub fn acked(&self) -> Seq {
         self.core.shared().acks.acked()
+    }
+
+    /// The ack state, for waiting without a thread (see [`AckView`]).
+    pub fn watch_acks(&self) -> watch::Receiver<AckView> {
+        self.core.shared().acks.view.subscribe()
     }
 
     /// A CP covering every seq <= `seq` is durable: prune the partner.
@@ -1107,13 +1122,31 @@ struct AckState {
     /// Fast path for `acked()` and already-acked waits.
     acked: AtomicU64,
     inner: Mutex<AckInner>,
-    cv: Condvar,
+    /// The same state for async waiters; sent under `inner`'s lock.
+    view: watch::Sender<AckView>,
 }
 
 struct AckInner {
     acked: Seq,
     failed: Option<nvtarget_mirror::Error>,
     shut: bool,
+    /// Blocked waiters by the seq they wait for. An ACK wakes only the
+    /// threads it releases: at QD32 a condvar broadcast woke every writer
+    /// for each ACK, and most went straight back to sleep.
+    waiters: BTreeMap<Seq, Vec<Arc<Waiter>>>,
+}
+
+/// One blocked `wait`: its thread, unparked once `woken` is set.
+struct Waiter {
+    thread: std::thread::Thread,
+    woken: AtomicBool,
+}
+
+impl Waiter {
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 enum AckUpdate {
@@ -1132,9 +1165,28 @@ impl AckState {
                 acked,
                 failed: None,
                 shut: false,
+                waiters: BTreeMap::new(),
             }),
-            cv: Condvar::new(),
+            view: watch::channel(AckView { acked, error: None }).0,
         }
+    }
+
+    /// Publishes the state under `g` to the async waiters.
+    fn publish(&self, g: &AckInner) {
+        let error = match (&g.failed, g.shut) {
+            (Some(e), _) => Some(MirrorWaitError::Failed(e.clone())),
+            (None, true) => Some(MirrorWaitError::Shutdown),
+            (None, false) => None,
+        };
+        self.view.send_if_modified(|v| {
+            let new = AckView {
+                acked: g.acked,
+                error,
+            };
+            let changed = *v != new;
+            *v = new;
+            changed
+        });
     }
 
     fn acked(&self) -> Seq {
@@ -1143,39 +1195,75 @@ impl AckState {
 
     fn update(&self, u: AckUpdate) {
         let mut g = self.inner.lock();
-        match u {
+        let woken: Vec<Arc<Waiter>> = match u {
             AckUpdate::Acked(s) => {
                 g.acked = g.acked.max(s);
                 self.acked.store(g.acked, Ordering::Release);
+                let first_later = g.acked.saturating_add(1);
+                let later = g.waiters.split_off(&first_later);
+                std::mem::replace(&mut g.waiters, later)
+                    .into_values()
+                    .flatten()
+                    .collect()
             }
-            AckUpdate::Failed(e) => g.failed = Some(e),
-            AckUpdate::Resumed => g.failed = None,
-        }
+            // Every waiter decides again (an error for all of them).
+            AckUpdate::Failed(e) => {
+                g.failed = Some(e);
+                std::mem::take(&mut g.waiters)
+                    .into_values()
+                    .flatten()
+                    .collect()
+            }
+            AckUpdate::Resumed => {
+                g.failed = None;
+                Vec::new()
+            }
+        };
+        self.publish(&g);
         drop(g);
-        self.cv.notify_all();
+        for w in woken {
+            w.wake();
+        }
     }
 
     fn shut(&self) {
-        self.inner.lock().shut = true;
-        self.cv.notify_all();
+        let mut g = self.inner.lock();
+        g.shut = true;
+        let all = std::mem::take(&mut g.waiters);
+        self.publish(&g);
+        drop(g);
+        for w in all.into_values().flatten() {
+            w.wake();
+        }
     }
 
     fn wait(&self, seq: Seq) -> Result<(), MirrorWaitError> {
         if self.acked() >= seq {
             return Ok(());
         }
-        let mut g = self.inner.lock();
         loop {
-            if g.acked >= seq {
-                return Ok(());
+            let me = {
+                let mut g = self.inner.lock();
+                if g.acked >= seq {
+                    return Ok(());
+                }
+                if let Some(e) = &g.failed {
+                    return Err(MirrorWaitError::Failed(e.clone()));
+                }
+                if g.shut {
+                    return Err(MirrorWaitError::Shutdown);
+                }
+                let me = Arc::new(Waiter {
+                    thread: std::thread::current(),
+                    woken: AtomicBool::new(false),
+                });
+                g.waiters.entry(seq).or_default().push(me.clone());
+                me
+            };
+            // Spurious unparks (and stale tokens) only cost a recheck.
+            while !me.woken.load(Ordering::Acquire) {
+                std::thread::park();
             }
-            if let Some(e) = &g.failed {
-                return Err(MirrorWaitError::Failed(e.clone()));
-            }
-            if g.shut {
-                return Err(MirrorWaitError::Shutdown);
-            }
-            self.cv.wait(&mut g);
         }
     }
 }
@@ -1199,6 +1287,72 @@ mod tests {
     const SLOT: u64 = 4608;
     /// No test may wait longer than this for anything.
     const LIMIT: Duration = Duration::from_secs(60);
+
+    /// An ACK releases exactly the waiters it covers; the others stay
+    /// blocked until theirs comes, a failure or a shutdown.
+    #[test]
+    fn ack_wakes_only_the_waiters_it_covers() {
+        let acks = Arc::new(AckState::new(0));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let spawn = |seq: Seq| {
+            let (acks, done) = (acks.clone(), done.clone());
+            std::thread::spawn(move || {
+                let r = acks.wait(seq);
+                done.lock().push((seq, r.is_ok()));
+            })
+        };
+        let threads: Vec<_> = [3, 5, 8, 8, 12].into_iter().map(spawn).collect();
+        let until = |n: usize| {
+            let end = Instant::now() + LIMIT;
+            while done.lock().len() < n {
+                assert!(
+                    Instant::now() < end,
+                    "waiters never woke: {:?}",
+                    done.lock()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let registered = || {
+            acks.inner
+                .lock()
+                .waiters
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        let end = Instant::now() + LIMIT;
+        while registered() < 5 {
+            assert!(Instant::now() < end, "waiters never blocked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        acks.update(AckUpdate::Acked(5));
+        until(2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(registered(), 3, "an ACK of 5 released a later waiter");
+        let mut got = done.lock().clone();
+        got.sort();
+        assert_eq!(got, vec![(3, true), (5, true)]);
+        acks.update(AckUpdate::Acked(8));
+        until(4);
+        acks.update(AckUpdate::Failed(nvtarget_mirror::Error::Goodbye(
+            GoodbyeReason::SHUTDOWN,
+        )));
+        until(5);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut got = done.lock().clone();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![(3, true), (5, true), (8, true), (8, true), (12, false)]
+        );
+        // Already acknowledged: no wait at all, whatever else holds.
+        assert!(acks.wait(8).is_ok());
+        acks.shut();
+        assert!(matches!(acks.wait(13), Err(MirrorWaitError::Failed(_))));
+    }
 
     /// The owner's log as the sender reads it back.
     #[derive(Clone, Default)]

@@ -414,8 +414,17 @@ impl Node {
 
     /// Whether writes wait for something slow (a partner's mirror ack, a
     /// device sync): then sessions run their I/O concurrently.
+    /// Plain I/O runs on the blocking pool: `power` mode waits for the
+    /// device (group commit) inside the write.
     pub fn offload_io(&self) -> bool {
-        self.config.pair.is_some() || self.config.node.nvram_durability == NvramDurability::Power
+        self.config.node.nvram_durability == NvramDurability::Power
+    }
+
+    /// A pair node in `process` mode runs I/O inline and waits for the
+    /// partner's ack on the connection task, without a thread
+    /// (`storedev::deferring_mirror_waits`).
+    pub fn defer_mirror_waits(&self) -> bool {
+        self.config.pair.is_some() && !self.offload_io()
     }
 
     pub fn iscsi_params(&self) -> &crate::config::IscsiSection {

@@ -33,7 +33,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::interconnect::{AckView, MirrorWaitError};
 use crate::node::{Access, Node};
+use crate::storedev::{deferring_mirror_waits, DeferredAck};
 
 /// Accepts connections forever; each gets its own task.
 /// Serves iSCSI on `listener`; `tpgt` is the portal group tag (and the
@@ -325,6 +327,12 @@ async fn run_connection(
     // at once, and everything else waits until those are done (so ORDERED
     // tasks, TMFs' view and cache flushes keep their order).
     let offload = node.offload_io();
+    // Statuses of writes run inline that wait for the partner's ack
+    // (`Node::defer_mirror_waits`), in execution order, and the ack state
+    // they watch.
+    let defer = node.defer_mirror_waits();
+    let mut deferred: Vec<Deferred> = Vec::new();
+    let mut acks: Option<watch::Receiver<AckView>> = None;
     let mut io_inflight = 0usize;
     let mut held: VecDeque<Command> = VecDeque::new();
     // Commands for the partner's targets run as tasks (forwarded or
@@ -437,6 +445,25 @@ async fn run_connection(
                             });
                             continue;
                         }
+                        Some(b) if defer => {
+                            let (c, d) = deferring_mirror_waits(|| execute(b, &cmd));
+                            match d {
+                                None => c,
+                                Some(d) => {
+                                    defer_status(
+                                        &mut deferred,
+                                        &mut acks,
+                                        d,
+                                        cmd.itt,
+                                        c,
+                                        &done_tx,
+                                        &node,
+                                    );
+                                    release_deferred(&mut conn, &mut deferred, &mut acks, &node);
+                                    continue;
+                                }
+                            }
+                        }
                         Some(b) => execute(b, &cmd),
                         // Discovery sessions carry no SCSI commands.
                         None => Completion {
@@ -526,6 +553,15 @@ async fn run_connection(
             Some((itt, resp)) = tmf_rx.recv() => {
                 let _ = conn.complete_tmf(itt, resp);
             }
+            r = acks_changed(&mut acks), if !deferred.is_empty() => {
+                if r.is_err() {
+                    // The mirror is gone (node shutting down): nothing
+                    // will acknowledge these any more.
+                    fail_deferred(&mut conn, &mut deferred, &MirrorWaitError::Shutdown);
+                    acks = None;
+                }
+                release_deferred(&mut conn, &mut deferred, &mut acks, &node);
+            }
             Some((itt, c, io)) = done_rx.recv() => {
                 // Gone if a task management function aborted it meanwhile.
                 let _ = conn.complete(itt, c);
@@ -588,6 +624,113 @@ impl ConnectionGauge {
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// A status held until the partner acknowledged the command's records.
+struct Deferred {
+    seq: nvtarget_nvram::Seq,
+    itt: u32,
+    completion: Completion,
+    since: Instant,
+}
+
+/// Holds `c` until `d.seq` is acknowledged. The connection watches one ack
+/// state; a command whose records went to another store's mirror (none
+/// today: a session addresses one target, one store) waits in a task.
+fn defer_status(
+    deferred: &mut Vec<Deferred>,
+    acks: &mut Option<watch::Receiver<AckView>>,
+    d: DeferredAck,
+    itt: u32,
+    c: Completion,
+    done_tx: &tokio::sync::mpsc::UnboundedSender<(u32, Completion, bool)>,
+    node: &Node,
+) {
+    match acks {
+        Some(rx) if !rx.same_channel(&d.acks) => {
+            if !deferred.is_empty() {
+                let (tx, metrics) = (done_tx.clone(), node.metrics().clone());
+                tokio::spawn(async move {
+                    let mut rx = d.acks;
+                    let c = loop {
+                        let v = rx.borrow_and_update().clone();
+                        if v.acked >= d.seq {
+                            metrics.mirror_wait.observe(d.since.elapsed().as_secs_f64());
+                            break c;
+                        }
+                        if let Some(e) = &v.error {
+                            break mirror_failed(e);
+                        }
+                        if rx.changed().await.is_err() {
+                            break mirror_failed(&MirrorWaitError::Shutdown);
+                        }
+                    };
+                    let _ = tx.send((itt, c, false));
+                });
+                return;
+            }
+            *acks = Some(d.acks);
+        }
+        Some(_) => {}
+        None => *acks = Some(d.acks),
+    }
+    deferred.push(Deferred {
+        seq: d.seq,
+        itt,
+        completion: c,
+        since: d.since,
+    });
+}
+
+/// Sends the held statuses the ack state now allows: acknowledged ones
+/// as they are, the rest as failed writes once waiting has failed.
+fn release_deferred(
+    conn: &mut Connection,
+    deferred: &mut Vec<Deferred>,
+    acks: &mut Option<watch::Receiver<AckView>>,
+    node: &Node,
+) {
+    let Some(rx) = acks else { return };
+    let v = rx.borrow_and_update().clone();
+    let metrics = node.metrics();
+    deferred.retain_mut(|d| {
+        if d.seq > v.acked {
+            return true;
+        }
+        metrics.mirror_wait.observe(d.since.elapsed().as_secs_f64());
+        // Gone if a task management function aborted it meanwhile.
+        let _ = conn.complete(d.itt, std::mem::take(&mut d.completion));
+        false
+    });
+    if let Some(e) = &v.error {
+        fail_deferred(conn, deferred, e);
+    }
+}
+
+fn fail_deferred(conn: &mut Connection, deferred: &mut Vec<Deferred>, e: &MirrorWaitError) {
+    for d in deferred.drain(..) {
+        let _ = conn.complete(d.itt, mirror_failed(e));
+    }
+}
+
+/// What a blocking wait's error becomes (`DevError::Io` in the SCSI layer):
+/// MEDIUM ERROR, WRITE ERROR.
+fn mirror_failed(e: &MirrorWaitError) -> Completion {
+    tracing::warn!(error = %e, "write not acknowledged by the partner");
+    Completion {
+        status: 0x02,
+        sense: nvtarget_iscsi::transport_sense(0x03, 0x0c, 0x00),
+        ..Completion::default()
+    }
+}
+
+async fn acks_changed(
+    acks: &mut Option<watch::Receiver<AckView>>,
+) -> Result<(), watch::error::RecvError> {
+    match acks {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
