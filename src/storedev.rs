@@ -355,8 +355,7 @@ impl Store {
         let (seq, r) = self
             .log
             .append_with_at(meta, data, |a| {
-                let r = apply();
-                self.aggr.note_applied_seq(a.seq);
+                // To the partner first: its round trip overlaps the apply.
                 if let Some(m) = mirror {
                     match self.log.local_read(a.offset, a.len as usize) {
                         Ok(bytes) => m.submit(a.seq, a.offset, Bytes::from(bytes)),
@@ -365,6 +364,8 @@ impl Store {
                         }
                     }
                 }
+                let r = apply();
+                self.aggr.note_applied_seq(a.seq);
                 r
             })
             .map_err(log_err)?;
